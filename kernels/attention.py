@@ -1,0 +1,80 @@
+"""The one attention entry point of the project: `attention(q, k, v, ...)`.
+
+Every attention (LLM decoder, ViT encoders, flow head, DiTs) calls this function; backends plug in
+behind `impl`. Mask semantics are defined once, in `reference.py`. Every backend honours every
+argument or raises NotImplementedError naming it; none drops one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from unimm_jax.kernels import reference
+
+IMPLS = ("auto", "xla", "cudnn")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    span_ids: jax.Array | None = None,
+    causal: bool = False,
+    sm_scale: float | None = None,
+    impl: str = "auto",
+) -> jax.Array:
+  """Multi-head attention with GQA, packed segments and bidirectional spans.
+
+  q [b t h e], k/v [b s k e] with h a multiple of k -> [b t h e] in q.dtype.
+  segment_ids [b t] / kv_segment_ids [b s]: token i sees token j only if their ids are equal and
+  non-zero (0 = padding). None means one segment covering everything; kv_segment_ids defaults to
+  segment_ids for self-attention (t == s).
+  causal: additionally j <= i, unless span_ids[i] == span_ids[j] != 0 (span_ids [b t], self-attention only).
+  Rows that see nothing return zeros. sm_scale defaults to 1/sqrt(e).
+  impl: "xla" (reference), "cudnn" (jax.nn.dot_product_attention; no segments or spans),
+  "auto" (the fastest exact backend for the platform).
+  """
+  b, t, h, e = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  if k.shape != v.shape or k.shape[0] != b or k.shape[3] != e:
+    raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} do not agree on [b . . e]")
+  if h % kh:
+    raise ValueError(f"attention: {h} query heads is not a multiple of {kh} kv heads")
+  if (causal or span_ids is not None) and t != s:
+    raise ValueError(f"attention: causal / span_ids need self-attention, got t={t} != s={s}")
+  if span_ids is not None and not causal:
+    raise ValueError("attention: span_ids only relax a causal mask; pass causal=True")
+  if impl not in IMPLS:
+    raise ValueError(f"attention: unknown impl {impl!r}; choose from {IMPLS}")
+  if sm_scale is None:
+    sm_scale = 1.0 / math.sqrt(e)
+
+  if impl == "cudnn":
+    if segment_ids is not None or kv_segment_ids is not None:
+      raise NotImplementedError("attention impl='cudnn': segment_ids (cuDNN's mask model cannot express them)")
+    if span_ids is not None:
+      raise NotImplementedError("attention impl='cudnn': span_ids")
+    return jax.nn.dot_product_attention(q, k, v, scale=sm_scale, is_causal=causal, implementation="cudnn")
+
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, t), jnp.int32)
+  if kv_segment_ids is None:
+    if s != t:
+      kv_segment_ids = jnp.ones((b, s), jnp.int32)
+    else:
+      kv_segment_ids = segment_ids
+  if segment_ids.shape != (b, t) or kv_segment_ids.shape != (b, s):
+    raise ValueError(
+        f"attention: segment_ids {segment_ids.shape} / kv_segment_ids {kv_segment_ids.shape} "
+        f"must be [b t]={(b, t)} / [b s]={(b, s)}")
+  if span_ids is not None and span_ids.shape != (b, t):
+    raise ValueError(f"attention: span_ids {span_ids.shape} must be [b t]={(b, t)}")
+  return reference.attention_reference(
+      q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids,
+      causal=causal, sm_scale=sm_scale)

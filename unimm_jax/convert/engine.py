@@ -1,0 +1,191 @@
+"""The conversion engine: one table of (regex, target, transform) rules read in both directions.
+
+Import: every source key must match exactly one rule (re.fullmatch) or an IGNORE pattern; every
+tensor is checked against its abstract target; every target leaf must be filled; all problems are
+raised together in one ConversionError. Export runs the same table backwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from unimm_jax.convert.errors import ConversionError
+from unimm_jax.convert.transforms import Transform
+
+Rule = tuple[str, str, Transform]
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict:
+  """Nested dict -> {"a/b/c": leaf}."""
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(flatten(v, path + "/"))
+    else:
+      out[path] = v
+  return out
+
+
+def unflatten(flat: Mapping[str, object]) -> dict:
+  """{"a/b/c": leaf} -> nested dict."""
+  tree: dict = {}
+  for path, v in flat.items():
+    node = tree
+    *parents, last = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = v
+  return tree
+
+
+def _groups(pattern: str) -> tuple[list[str], list[str]]:
+  """Splits a source regex into literal pieces and top-level capture groups.
+
+  Rules must be literals (with escapes) and capture groups only, so they can be run backwards.
+  Returns (literals, groups) with len(literals) == len(groups) + 1.
+  """
+  literals, groups, cur, i = [], [], "", 0
+  while i < len(pattern):
+    c = pattern[i]
+    if c == "\\":
+      cur += pattern[i + 1]
+      i += 2
+    elif c == "(":
+      depth, j, in_class = 1, i + 1, False
+      while depth:
+        if j >= len(pattern):
+          raise ValueError(f"rule {pattern!r}: unbalanced parenthesis")
+        ch = pattern[j]
+        if ch == "\\":
+          j += 1
+        elif ch == "[":
+          in_class = True
+        elif ch == "]":
+          in_class = False
+        elif not in_class:
+          depth += {"(": 1, ")": -1}.get(ch, 0)
+        j += 1
+      body = pattern[i + 1 : j - 1]
+      if body.startswith("?"):
+        raise ValueError(f"rule {pattern!r}: only plain capture groups are invertible")
+      literals.append(cur)
+      groups.append(body)
+      cur, i = "", j
+    elif c in ".*+?|[]{}^$":
+      raise ValueError(f"rule {pattern!r}: unescaped {c!r} outside a group cannot be exported")
+    else:
+      cur += c
+      i += 1
+  literals.append(cur)
+  return literals, groups
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledRule:
+  source: re.Pattern
+  target: str
+  transform: Transform
+  target_re: re.Pattern          # matches our path, capturing the same groups
+  source_literals: tuple[str, ...]
+
+  def source_key(self, m: re.Match) -> str:
+    parts = [self.source_literals[0]]
+    for i, lit in enumerate(self.source_literals[1:], start=1):
+      parts += [m.group(f"g{i}"), lit]
+    return "".join(parts)
+
+
+def compile_rules(rules: Sequence[Rule]) -> list[CompiledRule]:
+  compiled = []
+  for pattern, target, transform in rules:
+    literals, groups = _groups(pattern)
+    target_re, pos = "", 0
+    seen: set[int] = set()
+    for m in re.finditer(r"\\(\d+)", target):
+      n = int(m.group(1))
+      if not 1 <= n <= len(groups):
+        raise ValueError(f"rule {pattern!r} -> {target!r}: no group {n}")
+      target_re += re.escape(target[pos : m.start()])
+      target_re += f"(?P=g{n})" if n in seen else f"(?P<g{n}>{groups[n - 1]})"
+      seen.add(n)
+      pos = m.end()
+    target_re += re.escape(target[pos:])
+    compiled.append(CompiledRule(re.compile(pattern), target, transform, re.compile(target_re), tuple(literals)))
+  return compiled
+
+
+def convert(
+    source: Mapping[str, Callable[[], np.ndarray]],
+    rules: Sequence[Rule],
+    abstract: Mapping[str, jax.ShapeDtypeStruct],
+    *,
+    ignore: Iterable[str] = (),
+    where: str = "checkpoint",
+) -> dict[str, np.ndarray]:
+  """Streams `source` (name -> loader) through `rules` into {our path: array of the abstract dtype}.
+
+  `abstract` is the flat {path: ShapeDtypeStruct} of the target model.
+  """
+  compiled = compile_rules(rules)
+  ignore_re = [re.compile(p) for p in ignore]
+  out: dict[str, np.ndarray] = {}
+  problems: list[str] = []
+  origin: dict[str, str] = {}
+  for key in source:
+    hits = [r for r in compiled if r.source.fullmatch(key)]
+    if not hits:
+      if not any(p.fullmatch(key) for p in ignore_re):
+        problems.append(f"unexpected key {key!r} (matches no rule and no IGNORE entry)")
+      continue
+    if len(hits) > 1:
+      problems.append(f"key {key!r} matches {len(hits)} rules: {[r.source.pattern for r in hits]}")
+      continue
+    rule = hits[0]
+    dst = rule.source.fullmatch(key).expand(rule.target)
+    if dst not in abstract:
+      problems.append(f"{key!r} -> {dst!r}: the model has no such parameter")
+      continue
+    if dst in out:
+      problems.append(f"{key!r} -> {dst!r}: already filled from {origin[dst]!r}")
+      continue
+    want = abstract[dst]
+    try:
+      got = rule.transform.forward(source[key](), tuple(want.shape))
+    except (ValueError, TypeError) as e:  # a reshape that cannot fit names the tensor
+      problems.append(f"{key!r} -> {dst!r}: {rule.transform.name} failed: {e}")
+      continue
+    if tuple(got.shape) != tuple(want.shape):
+      problems.append(
+          f"{key!r} -> {dst!r}: {rule.transform.name} gave {tuple(got.shape)}, model expects {tuple(want.shape)}")
+      continue
+    out[dst] = np.ascontiguousarray(got, dtype=want.dtype)
+    origin[dst] = key
+  missing = sorted(set(abstract) - set(out))
+  if missing:
+    problems.append(f"{len(missing)} model parameters not filled: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+  if problems:
+    raise ConversionError(f"{where}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+  return out
+
+
+def export(params: Mapping[str, np.ndarray], rules: Sequence[Rule], *, where: str = "params") -> dict[str, np.ndarray]:
+  """{our path: array} -> {source key: array in the source layout}, the table run backwards."""
+  compiled = compile_rules(rules)
+  out: dict[str, np.ndarray] = {}
+  problems = []
+  for path, value in params.items():
+    hits = [(r, m) for r in compiled if (m := r.target_re.fullmatch(path))]
+    if len(hits) != 1:
+      problems.append(f"{path!r} matches {len(hits)} export rules")
+      continue
+    rule, m = hits[0]
+    out[rule.source_key(m)] = np.ascontiguousarray(rule.transform.inverse(np.asarray(value)))
+  if problems:
+    raise ConversionError(f"{where}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
+  return out

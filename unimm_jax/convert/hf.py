@@ -1,0 +1,173 @@
+"""Hugging Face / PyTorch checkpoints <-> our Orbax checkpoints, by model family.
+
+`FAMILIES` is the table of what can be converted: which `model_type`s a family reads, how its
+config maps, which module it builds, and its key map (`maps/<family>.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm_jax import checkpoint
+from unimm_jax.convert import engine, sources
+from unimm_jax.convert.errors import ConversionError
+from unimm_jax.convert.maps import qwen as qwen_map
+from unimm_jax.convert.safetensors_writer import save_safetensors
+from unimm_jax.models import qwen
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  name: str
+  hf_model_types: tuple[str, ...]
+  config_cls: type
+  config_from_hf: Callable[[Mapping[str, Any]], Any]
+  module: Callable[[Any], nn.Module]
+  example_inputs: Callable[[Any], tuple]
+  rules: tuple
+  ignore: Callable[[Any], tuple]
+  key_prefixes: Callable[[str], dict[str, str]]   # source prefix -> rules' prefix, per HF model_type
+  hf_config: Callable[[Any], dict[str, Any]]      # our config -> config.json for export
+
+
+def _qwen_hf_config(cfg: qwen.QwenConfig) -> dict[str, Any]:
+  if cfg.model_type == "qwen2_5_vl_text":
+    raise ConversionError("export of a Qwen2.5-VL text decoder needs the source config.json (convert from HF)")
+  arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.model_type]
+  return {
+      "architectures": [arch], "model_type": cfg.model_type, "vocab_size": cfg.vocab, "hidden_size": cfg.embed,
+      "intermediate_size": cfg.mlp, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.heads,
+      "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": cfg.act,
+      "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+      "attention_bias": cfg.qkv_bias, "max_position_embeddings": 32768, "torch_dtype": cfg.param_dtype,
+  }
+
+
+FAMILIES: dict[str, Family] = {
+    "qwen": Family(
+        name="qwen", hf_model_types=("qwen2", "qwen3", "qwen2_5_vl", "qwen2_5_vl_text"),
+        config_cls=qwen.QwenConfig, config_from_hf=qwen.config_from_hf, module=qwen.Qwen,
+        example_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),), rules=qwen_map.RULES,
+        ignore=lambda cfg: qwen_map.IGNORE_TIED if cfg.tie_embeddings else qwen_map.IGNORE,
+        key_prefixes=qwen_map.hf_prefix_for, hf_config=_qwen_hf_config),
+}
+
+
+def family_for_model_type(model_type: str | None, where: str) -> Family:
+  for fam in FAMILIES.values():
+    if model_type in fam.hf_model_types:
+      return fam
+  supported = sorted(t for f in FAMILIES.values() for t in f.hf_model_types)
+  raise ConversionError(f"{where}: unsupported model_type {model_type!r}; supported: {supported}")
+
+
+def abstract_params(fam: Family, cfg: Any) -> dict:
+  """Nested ShapeDtypeStructs of the model's params, without allocating them."""
+  boxed = jax.eval_shape(fam.module(cfg).init, jax.random.key(0), *fam.example_inputs(cfg))
+  return nn.meta.unbox(boxed)["params"]
+
+
+def _read_hf_config(src: str) -> dict[str, Any]:
+  path = os.path.join(src, "config.json") if os.path.isdir(src) else None
+  if path is None or not os.path.isfile(path):
+    raise ConversionError(f"{src}: no config.json (expected a Hugging Face model directory)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _source_dtype(hf_cfg: Mapping[str, Any]) -> str:
+  dtype = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32"
+  return {"float16": "float16", "bfloat16": "bfloat16"}.get(str(dtype).removeprefix("torch."), "float32")
+
+
+def _renamed(source: sources.LazyTensors, prefixes: Mapping[str, str]) -> dict[str, Callable]:
+  out = {}
+  for key in source:
+    for old, new in prefixes.items():
+      if key.startswith(old):
+        key_new = new + key[len(old):]
+        break
+    else:
+      key_new = key
+    out[key_new] = source[key]
+  return out
+
+
+def convert_hf(src: str, *, param_dtype: str | None = None, **config_overrides) -> tuple[Family, Any, dict]:
+  """HF model directory -> (family, our config, nested numpy params in loop layout), in memory."""
+  hf_cfg = _read_hf_config(src)
+  fam = family_for_model_type(hf_cfg.get("model_type"), os.path.join(src, "config.json"))
+  cfg = fam.config_from_hf(hf_cfg)
+  cfg = dataclasses.replace(cfg, param_dtype=param_dtype or _source_dtype(hf_cfg), **config_overrides)
+  if getattr(cfg, "scan_layers", False):
+    cfg = dataclasses.replace(cfg, scan_layers=False)  # conversion is always in the loop layout
+  abstract = engine.flatten(abstract_params(fam, cfg))
+  source = _renamed(sources.open_weights(src), fam.key_prefixes(hf_cfg.get("model_type")))
+  flat = engine.convert(source, fam.rules, abstract, ignore=fam.ignore(cfg), where=src)
+  return fam, cfg, engine.unflatten(flat)
+
+
+def convert_to_orbax(src: str, dst: str, *, param_dtype: str | None = None, overwrite: bool = False) -> dict:
+  """HF directory -> converted directory (Orbax params + unimm_config.json + tokenizer files)."""
+  if os.path.exists(dst) and not overwrite:
+    raise ConversionError(f"{dst}: destination exists (use --overwrite)")
+  t0 = time.perf_counter()
+  fam, cfg, params = convert_hf(src, param_dtype=param_dtype)
+  t1 = time.perf_counter()
+  meta = {"family": fam.name, "config": cfg.to_dict(), "hf_config": _read_hf_config(src),
+          "source": os.path.abspath(src)}
+  extra = {n: os.path.join(src, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))}
+  checkpoint.save(dst, params, meta, extra_files=extra, overwrite=overwrite)
+  n_bytes = sum(v.nbytes for v in engine.flatten(params).values())
+  return {"family": fam.name, "tensors": len(engine.flatten(params)), "bytes": n_bytes,
+          "convert_s": t1 - t0, "save_s": time.perf_counter() - t1}
+
+
+def export_to_hf(ckpt: str, dst: str, *, overwrite: bool = False) -> dict:
+  """Converted directory -> HF directory (model.safetensors + config.json + tokenizer files)."""
+  if os.path.exists(dst) and not overwrite:
+    raise ConversionError(f"{dst}: destination exists (use --overwrite)")
+  meta = checkpoint.read_meta(ckpt)
+  fam = FAMILIES[meta["family"]]
+  cfg = fam.config_cls.from_dict(meta["config"])
+  params = checkpoint.restore(ckpt, abstract_params(fam, cfg))
+  flat = {k: np.asarray(v) for k, v in engine.flatten(params).items()}
+  tensors = engine.export(flat, fam.rules, where=ckpt)
+  hf_cfg = meta.get("hf_config") or fam.hf_config(cfg)
+  back = {new: old for old, new in fam.key_prefixes(hf_cfg.get("model_type")).items()}
+  tensors = _renamed(sources.LazyTensors({k: (lambda v=v: v) for k, v in tensors.items()}, {}, {}), back)
+  tensors = {k: load() for k, load in tensors.items()}
+  parent = os.path.dirname(os.path.abspath(dst))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  try:
+    save_safetensors(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_cfg, f, indent=1)
+    for n in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(ckpt, n)):
+        shutil.copy2(os.path.join(ckpt, n), os.path.join(tmp, n))
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.replace(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return {"family": fam.name, "tensors": len(tensors)}

@@ -1,0 +1,47 @@
+"""Tensor transforms between PyTorch layouts and ours, each a (forward, inverse) pair.
+
+forward(x, target_shape) maps the PyTorch tensor to our layout; inverse(y) maps ours back.
+All layout knowledge (Linear [out, in], conv OIHW, head splits) lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+  name: str
+  forward: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+  inverse: Callable[[np.ndarray], np.ndarray]
+
+  @property
+  def __name__(self) -> str:
+    return self.name
+
+
+identity = Transform("identity", lambda x, shape: x, lambda y: y)
+# nn.Linear.weight [out, in] -> kernel [in, out]
+transpose = Transform("transpose", lambda x, shape: x.T, lambda y: y.T)
+
+
+def _to_heads(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  return x.reshape(shape) if x.ndim == 1 else x.T.reshape(shape)
+
+
+def _to_heads_inv(y: np.ndarray) -> np.ndarray:
+  return y.reshape(-1) if y.ndim == 2 else y.reshape(y.shape[0], -1).T
+
+
+# q/k/v: weight [h*e, d] -> kernel [d, h, e]; bias [h*e] -> [h, e]
+to_heads = Transform("to_heads", _to_heads, _to_heads_inv)
+# o_proj: weight [d, h*e] -> kernel [h, e, d]
+from_heads = Transform(
+    "from_heads", lambda x, shape: x.T.reshape(shape), lambda y: y.reshape(-1, y.shape[-1]).T)
+# Conv2d weight OIHW -> HWIO; Conv3d OIDHW -> DHWIO
+conv2d = Transform("conv2d", lambda x, shape: x.transpose(2, 3, 1, 0), lambda y: y.transpose(3, 2, 0, 1))
+conv3d = Transform(
+    "conv3d", lambda x, shape: x.transpose(2, 3, 4, 1, 0), lambda y: y.transpose(4, 3, 0, 1, 2))

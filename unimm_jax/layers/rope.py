@@ -1,0 +1,48 @@
+"""Rotary position embeddings: angle builders (1D, multimodal M-RoPE, 3D t/h/w) and rotations.
+
+Angles are computed in fp32: [... t] positions -> [... t e/2] angles. `apply_rope` rotates [b t h e]
+features either in halves (`rotate_half`, HF LLaMA/Qwen layout) or in interleaved pairs (2p, 2p+1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def inv_frequencies(dim: int, theta: float) -> jax.Array:
+  """[dim/2] inverse frequencies theta^(-2i/dim)."""
+  return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
+def rope_angles(pos: jax.Array, dim: int, theta: float) -> jax.Array:
+  """[b t] positions -> [b t dim/2] angles."""
+  return pos.astype(jnp.float32)[..., None] * inv_frequencies(dim, theta)
+
+
+def rope_angles_mrope(pos: jax.Array, dim: int, theta: float, sections: Sequence[int]) -> jax.Array:
+  """Qwen2-VL multimodal RoPE: [b t 3] (temporal, height, width) positions -> [b t dim/2] angles.
+
+  Frequency j of the dim/2 takes its position from component c where j falls in the c-th block of
+  `sections` (e.g. (16, 24, 24) for head_dim 128), exactly as transformers' `mrope_section`.
+  """
+  if sum(sections) != dim // 2:
+    raise ValueError(f"mrope sections {tuple(sections)} must sum to head_dim/2 = {dim // 2}")
+  angles = pos.astype(jnp.float32)[..., :, None] * inv_frequencies(dim, theta)  # [b t 3 dim/2]
+  component = jnp.repeat(jnp.arange(len(sections)) % 3, jnp.asarray(sections), total_repeat_length=dim // 2)
+  return jnp.take_along_axis(angles, component[None, None, None, :], axis=-2)[..., 0, :]
+
+
+def apply_rope(x: jax.Array, angles: jax.Array, interleaved: bool = False) -> jax.Array:
+  """Rotates x [b t h e] by angles [b t e/2] (broadcast over heads); output in x.dtype."""
+  cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+  sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+  if interleaved:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.reshape(x.shape)
+  half = x.shape[-1] // 2
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
