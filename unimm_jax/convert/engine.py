@@ -1,8 +1,9 @@
 """The conversion engine: one table of (regex, target, transform) rules read in both directions.
 
-Import: every source key must match exactly one rule (re.fullmatch) or an IGNORE pattern; every
-tensor is checked against its abstract target; every target leaf must be filled; all problems are
-raised together in one ConversionError. Export runs the same table backwards.
+Import: every source key must match exactly one rule (re.fullmatch) or an IGNORE pattern -- or,
+for a fused tensor, a set of `part` rules that together read every slice of it; every tensor is
+checked against its abstract target; every target leaf must be filled; all problems are raised
+together in one ConversionError. Export runs the same table backwards (slices are concatenated).
 """
 
 from __future__ import annotations
@@ -120,6 +121,20 @@ def compile_rules(rules: Sequence[Rule]) -> list[CompiledRule]:
   return compiled
 
 
+def _check_parts(key: str, hits: Sequence[CompiledRule]) -> str | None:
+  """None if `hits` may convert `key`: one whole-tensor rule, or `part` rules covering every slice."""
+  parts = [r.transform.part for r in hits]
+  if all(p is None for p in parts):
+    return None if len(hits) == 1 else f"key {key!r} matches {len(hits)} rules: {[r.source.pattern for r in hits]}"
+  if any(p is None for p in parts) or len({(p[0], p[2]) for p in parts}) != 1:
+    return f"key {key!r}: rules {[r.source.pattern for r in hits]} mix whole-tensor and sliced reads"
+  axis, _, count = parts[0]
+  if sorted(p[1] for p in parts) != list(range(count)):
+    return (f"key {key!r}: rules read slices {sorted(p[1] for p in parts)} of {count} along axis {axis}; "
+            "every slice must be read exactly once")
+  return None
+
+
 def convert(
     source: Mapping[str, Callable[[], np.ndarray]],
     rules: Sequence[Rule],
@@ -138,34 +153,37 @@ def convert(
   problems: list[str] = []
   origin: dict[str, str] = {}
   for key in source:
+    if any(p.fullmatch(key) for p in ignore_re):  # an explicit skip wins over a rule (tied lm_head)
+      continue
     hits = [r for r in compiled if r.source.fullmatch(key)]
     if not hits:
-      if not any(p.fullmatch(key) for p in ignore_re):
-        problems.append(f"unexpected key {key!r} (matches no rule and no IGNORE entry)")
+      problems.append(f"unexpected key {key!r} (matches no rule and no IGNORE entry)")
       continue
-    if len(hits) > 1:
-      problems.append(f"key {key!r} matches {len(hits)} rules: {[r.source.pattern for r in hits]}")
+    problem = _check_parts(key, hits)
+    if problem:
+      problems.append(problem)
       continue
-    rule = hits[0]
-    dst = rule.source.fullmatch(key).expand(rule.target)
-    if dst not in abstract:
-      problems.append(f"{key!r} -> {dst!r}: the model has no such parameter")
-      continue
-    if dst in out:
-      problems.append(f"{key!r} -> {dst!r}: already filled from {origin[dst]!r}")
-      continue
-    want = abstract[dst]
-    try:
-      got = rule.transform.forward(source[key](), tuple(want.shape))
-    except (ValueError, TypeError) as e:  # a reshape that cannot fit names the tensor
-      problems.append(f"{key!r} -> {dst!r}: {rule.transform.name} failed: {e}")
-      continue
-    if tuple(got.shape) != tuple(want.shape):
-      problems.append(
-          f"{key!r} -> {dst!r}: {rule.transform.name} gave {tuple(got.shape)}, model expects {tuple(want.shape)}")
-      continue
-    out[dst] = np.ascontiguousarray(got, dtype=want.dtype)
-    origin[dst] = key
+    tensor = source[key]()
+    for rule in hits:
+      dst = rule.source.fullmatch(key).expand(rule.target)
+      if dst not in abstract:
+        problems.append(f"{key!r} -> {dst!r}: the model has no such parameter")
+        continue
+      if dst in out:
+        problems.append(f"{key!r} -> {dst!r}: already filled from {origin[dst]!r}")
+        continue
+      want = abstract[dst]
+      try:
+        got = rule.transform.forward(tensor, tuple(want.shape))
+      except (ValueError, TypeError) as e:  # a reshape that cannot fit names the tensor
+        problems.append(f"{key!r} -> {dst!r}: {rule.transform.name} failed: {e}")
+        continue
+      if tuple(got.shape) != tuple(want.shape):
+        problems.append(
+            f"{key!r} -> {dst!r}: {rule.transform.name} gave {tuple(got.shape)}, model expects {tuple(want.shape)}")
+        continue
+      out[dst] = np.ascontiguousarray(got, dtype=want.dtype)
+      origin[dst] = key
   missing = sorted(set(abstract) - set(out))
   if missing:
     problems.append(f"{len(missing)} model parameters not filled: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
@@ -178,6 +196,8 @@ def export(params: Mapping[str, np.ndarray], rules: Sequence[Rule], *, where: st
   """{our path: array} -> {source key: array in the source layout}, the table run backwards."""
   compiled = compile_rules(rules)
   out: dict[str, np.ndarray] = {}
+  slices: dict[str, dict[int, np.ndarray]] = {}   # fused source key -> {slice index: tensor}
+  layout: dict[str, tuple[int, int]] = {}         # fused source key -> (axis, count)
   problems = []
   for path, value in params.items():
     hits = [(r, m) for r in compiled if (m := r.target_re.fullmatch(path))]
@@ -185,7 +205,19 @@ def export(params: Mapping[str, np.ndarray], rules: Sequence[Rule], *, where: st
       problems.append(f"{path!r} matches {len(hits)} export rules")
       continue
     rule, m = hits[0]
-    out[rule.source_key(m)] = np.ascontiguousarray(rule.transform.inverse(np.asarray(value)))
+    key, tensor = rule.source_key(m), np.ascontiguousarray(rule.transform.inverse(np.asarray(value)))
+    if rule.transform.part is None:
+      out[key] = tensor
+      continue
+    axis, index, count = rule.transform.part
+    slices.setdefault(key, {})[index] = tensor
+    layout[key] = (axis, count)
+  for key, got in slices.items():
+    axis, count = layout[key]
+    if sorted(got) != list(range(count)):
+      problems.append(f"{key!r}: slices {sorted(got)} of {count} present; cannot rebuild the fused tensor")
+      continue
+    out[key] = np.concatenate([got[i] for i in range(count)], axis=axis)
   if problems:
     raise ConversionError(f"{where}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
   return out
