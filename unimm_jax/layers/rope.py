@@ -46,3 +46,25 @@ def apply_rope(x: jax.Array, angles: jax.Array, interleaved: bool = False) -> ja
   half = x.shape[-1] // 2
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def llama3_inv_frequencies(dim: int, theta: float, factor: float, low_freq_factor: float,
+                           high_freq_factor: float, original_max_positions: int) -> jax.Array:
+  """[dim/2] inverse frequencies with LLaMA-3 scaling (transformers' `_compute_llama3_parameters`)."""
+  inv_freq = inv_frequencies(dim, theta)
+  wavelen = 2 * jnp.pi / inv_freq
+  low_wavelen = original_max_positions / low_freq_factor
+  high_wavelen = original_max_positions / high_freq_factor
+  scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+  smooth = (original_max_positions / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_angles_thw(pos: jax.Array, dim: int, theta: float, split: Sequence[int] = (2, 3, 3)) -> jax.Array:
+  """[b t 3] (t, y, x) positions -> [b t dim/2] angles; head_dim split t:y:x = 2:3:3 (TUNA's 3D RoPE)."""
+  dims = [dim * s // sum(split) for s in split]
+  if sum(dims) != dim or any(d % 2 for d in dims):
+    raise ValueError(f"rope_angles_thw: head_dim {dim} does not split {tuple(split)} into even parts")
+  return jnp.concatenate([rope_angles(pos[..., i], d, theta) for i, d in enumerate(dims)], axis=-1)

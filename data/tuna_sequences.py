@@ -1,0 +1,137 @@
+"""TUNA sequence builders: the four streams as packable samples, and packed rows -> model batches.
+
+Layouts (reference: tuna-2 tuna/data/tokenize_utils.py), with each image a span
+`[time slot] [image token] * (h * w)` between <boi> and <eoi>:
+  t2i    [bos] text [boi] span [eoi] [eos]                    flow loss on the image
+  mmu    [bos] [boi] span [eoi] prompt answer [eos]           image clean (t = 1), CE on answer + eos
+  edit   [bos] [boi] src [eoi] instruction [boi] tgt [eoi] [eos]   src clean, flow loss on tgt
+  text   [bos] text [eos]                                     CE on every token after bos
+Deviation from the reference, on purpose: its datasets reserve h*w slots per image for a span of
+1 + h*w, silently dropping the last image token; here every span has 1 + h*w slots.
+
+A sample (see data/packing.py) has per-token arrays: tokens, labels (target token or -100, aligned
+with tokens: CE compares logits[i - 1] with labels[i]), span_local, time_slot, img_y, img_x, img_h,
+img_w, clean (span forced to t = 1), flow (image token in the flow loss); its attachments are
+(offset of the first image token, patches [h*w o]) per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+IGNORE = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class TunaTokens:
+  bos: int
+  eos: int
+  boi: int
+  eoi: int
+  image_pad: int
+  pad: int = 0
+
+
+def _text(ids: Sequence[int], labelled: bool) -> dict[str, np.ndarray]:
+  ids = np.asarray(ids, np.int32)
+  return {"tokens": ids, "labels": ids.copy() if labelled else np.full(len(ids), IGNORE, np.int32)}
+
+
+def _span(patches: np.ndarray, k: int, tok: TunaTokens, *, clean: bool, flow: bool) -> dict[str, np.ndarray]:
+  """patches [h w o] -> one span of 1 + h*w slots with local span id k."""
+  if patches.ndim != 3:
+    raise ValueError(f"image patches must be [h w o], got {patches.shape}")
+  h, w, _ = patches.shape
+  n = 1 + h * w
+  y, x = np.divmod(np.arange(h * w, dtype=np.int32), w)
+  return {
+      "tokens": np.full(n, tok.image_pad, np.int32), "labels": np.full(n, IGNORE, np.int32),
+      "span_local": np.full(n, k, np.int32), "time_slot": np.arange(n) == 0,
+      "img_y": np.concatenate([[0], y]).astype(np.int32), "img_x": np.concatenate([[0], x]).astype(np.int32),
+      "img_h": np.full(n, h, np.int32), "img_w": np.full(n, w, np.int32),
+      "clean": np.full(n, clean, bool), "flow": np.concatenate([[False], np.full(h * w, flow)]),
+  }
+
+
+_ZEROS = {"span_local": np.int32, "time_slot": bool, "img_y": np.int32, "img_x": np.int32, "img_h": np.int32,
+          "img_w": np.int32, "clean": bool, "flow": bool}
+
+
+def _join(parts: list[dict[str, np.ndarray]], images: list[np.ndarray], stream: str) -> dict[str, Any]:
+  full = []
+  for p in parts:
+    n = len(p["tokens"])
+    full.append({**{k: np.zeros(n, dt) for k, dt in _ZEROS.items()}, **p})
+  sample = {k: np.concatenate([p[k] for p in full]) for k in full[0]}
+  offsets, start = [], 0
+  for p in full:
+    if p["span_local"].any():
+      offsets.append(start + 1)  # first image token, after the time slot
+    start += len(p["tokens"])
+  sample["attachments"] = [(o, img.reshape(-1, img.shape[-1])) for o, img in zip(offsets, images)]
+  sample["stream"] = stream
+  return sample
+
+
+def t2i_sample(text_ids: Sequence[int], image: np.ndarray, tok: TunaTokens) -> dict[str, Any]:
+  parts = [_text([tok.bos, *text_ids, tok.boi], False), _span(image, 1, tok, clean=False, flow=True),
+           _text([tok.eoi, tok.eos], False)]
+  return _join(parts, [image], "t2i")
+
+
+def understanding_sample(image: np.ndarray, prompt_ids: Sequence[int], answer_ids: Sequence[int],
+                         tok: TunaTokens) -> dict[str, Any]:
+  parts = [_text([tok.bos, tok.boi], False), _span(image, 1, tok, clean=True, flow=False),
+           _text([tok.eoi, *prompt_ids], False), _text([*answer_ids, tok.eos], True)]
+  return _join(parts, [image], "mmu")
+
+
+def edit_sample(source: np.ndarray, instruction_ids: Sequence[int], target: np.ndarray,
+                tok: TunaTokens) -> dict[str, Any]:
+  parts = [_text([tok.bos, tok.boi], False), _span(source, 1, tok, clean=True, flow=False),
+           _text([tok.eoi, *instruction_ids, tok.boi], False), _span(target, 2, tok, clean=False, flow=True),
+           _text([tok.eoi, tok.eos], False)]
+  return _join(parts, [source, target], "edit")
+
+
+def text_sample(ids: Sequence[int], tok: TunaTokens) -> dict[str, Any]:
+  text = _text([tok.bos, *ids, tok.eos], True)
+  text["labels"][0] = IGNORE
+  return _join([text], [], "text")
+
+
+def to_batch(rows: Sequence[Mapping[str, Any]], max_spans: int, token_features: int) -> dict[str, np.ndarray]:
+  """Packed rows (data.packing.pack_row) -> the model batch (unimm_jax.models.tuna.BATCH_KEYS, with
+  x1 [b t o] clean patches instead of x_t) plus labels, flow_mask and span_clean [b n]."""
+  b, t = len(rows), len(rows[0]["tokens"])
+  out = {
+      "tokens": np.stack([r["tokens"] for r in rows]).astype(np.int32),
+      "labels": np.stack([r["labels"] for r in rows]).astype(np.int32),
+      "segment_ids": np.stack([r["segment_ids"] for r in rows]).astype(np.int32),
+      "positions": np.stack([r["positions"] for r in rows]).astype(np.int32),
+      "span_ids": np.stack([r["span_ids"] for r in rows]).astype(np.int32),
+      "time_slot": np.stack([r["time_slot"] for r in rows]).astype(bool),
+      "flow_mask": np.stack([r["flow"] for r in rows]).astype(bool),
+      "thw": np.zeros((b, t, 3), np.int32),
+      "span_hw": np.zeros((b, max_spans, 2), np.int32),
+      "span_clean": np.zeros((b, max_spans), bool),
+      "x1": np.zeros((b, t, token_features), np.float32),
+  }
+  for i, r in enumerate(rows):
+    out["thw"][i, :, 1], out["thw"][i, :, 2] = r["img_y"], r["img_x"]
+    spans = r["span_ids"]
+    if spans.max(initial=0) > max_spans:
+      raise ValueError(f"row {i} has {spans.max()} image spans > max_spans {max_spans}")
+    for s in np.unique(spans[spans > 0]):
+      first = np.flatnonzero(spans == s)[0]
+      out["span_hw"][i, s - 1] = (r["img_h"][first], r["img_w"][first])
+      out["span_clean"][i, s - 1] = r["clean"][first]
+    for offset, patches in r.get("attachments", ()):
+      if patches.shape[-1] != token_features:
+        raise ValueError(f"row {i}: image patches have {patches.shape[-1]} values per token, want {token_features}")
+      out["x1"][i, offset:offset + len(patches)] = patches
+  return out

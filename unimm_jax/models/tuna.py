@@ -1,0 +1,185 @@
+"""TUNA: a native unified multimodal model (understanding, text-to-image, editing).
+
+Paper: TUNA (seed 003). Reference: facebookresearch/tuna-2 tuna/models/tuna.py (Tuna, variant A),
+tuna_2_pixel.py (TUNA-2), tuna_2r_pixel.py (TUNA-R), backbones/modules_new_mm.py (head).
+Shapes: b batch, t tokens of a packed row, n image spans per row, d LLM embed, v vocab,
+o = p * p * channels values per image token (a p x p patch of the generated space).
+
+One packed row holds text and images of several samples. Every image is a span
+  [time slot] [image token] * (h * w)            (row-major y, x over its token grid)
+whose tokens attend to each other bidirectionally inside an otherwise causal mask. The image tokens
+carry the noisy patches x_t of the generated space (Wan 2.2 latents for TUNA, pixels for TUNA-2 and
+TUNA-R); a representation encoder turns them into LLM embeddings: SigLIP over x_t + `siglip_proj`
+(TUNA: 1x1 conv over 48 latent channels; TUNA-R: patch-16 conv over pixels) or a plain patch
+embedding + RMSNorm (TUNA-2). The time slot holds the image's timestep embedding. The Qwen2.5
+decoder runs over the row; the flow head reads its last hidden state and predicts, per image token,
+the velocity x1 - x0 (or x1 for x0-prediction), with t = 1 meaning clean.
+
+The packed batch (`TunaBatch` keys, all [b t] unless noted) is documented in `BATCH_KEYS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from unimm_jax.layers import DenseGeneral, RMSNorm
+from unimm_jax.layers.modulation import TimestepEmbedder
+from unimm_jax.models import qwen, siglip
+from unimm_jax.models.tuna_head import FinalLayer, ModulatedBlock, TunaHeadConfig, gather_spans, tuna_rope_fn
+
+ENCODERS = ("siglip", "patch")
+PREDICTIONS = ("velocity", "x0")
+BATCH_KEYS = {
+    "tokens": "int32 [b t] token ids; image slots hold <|image_pad|>",
+    "segment_ids": "int32 [b t] sample of the row 1..m, 0 = padding",
+    "positions": "int32 [b t] LLM position, restarting at 0 per sample",
+    "span_ids": "int32 [b t] image span 1..n of the row (time slot + image tokens), 0 elsewhere",
+    "time_slot": "bool [b t] first slot of a span (the time token)",
+    "thw": "int32 [b t 3] (frame, row, column) of an image token in its image's token grid, 0 elsewhere",
+    "span_hw": "int32 [b n 2] token-grid (rows, columns) of span i + 1; (0, 0) = no span",
+    "span_t": "float32 [b n] time of span i + 1 (1 = clean)",
+    "x_t": "float [b t o] noisy patches at image tokens, 0 elsewhere",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TunaConfig:
+  llm: qwen.QwenConfig
+  head: TunaHeadConfig
+  encoder: str = "siglip"                            # siglip (TUNA, TUNA-R) | patch (TUNA-2)
+  siglip: siglip.SiglipVisionConfig | None = None    # the representation encoder when encoder == siglip
+  space: str = "latent"                              # latent (a VAE encodes images) | pixel
+  channels: int = 48                                 # channels of the generated space
+  patch: int = 1                                     # image token = patch x patch of the generated space
+  prediction: str = "velocity"                       # velocity (TUNA) | x0 (TUNA-2)
+  time_frequency_dim: int = 256
+
+  def __post_init__(self):
+    if self.encoder not in ENCODERS:
+      raise ValueError(f"TunaConfig.encoder {self.encoder!r} is not one of {ENCODERS}")
+    if self.prediction not in PREDICTIONS:
+      raise ValueError(f"TunaConfig.prediction {self.prediction!r} is not one of {PREDICTIONS}")
+    if self.encoder == "siglip" and self.siglip is None:
+      raise ValueError("TunaConfig: encoder 'siglip' needs a siglip config")
+    if self.head.out_features != self.patch * self.patch * self.channels:
+      raise ValueError(f"TunaConfig: head.out_features {self.head.out_features} != patch^2 * channels "
+                       f"{self.patch * self.patch * self.channels}")
+    if self.siglip is not None and self.siglip.patch * self.siglip.patch * self.siglip.channels != self.token_features:
+      raise ValueError(f"TunaConfig: SigLIP patches of {self.siglip.patch}x{self.siglip.patch}x{self.siglip.channels} "
+                       f"do not match image tokens of {self.token_features} values")
+
+  @property
+  def token_features(self) -> int:
+    return self.patch * self.patch * self.channels
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "TunaConfig":
+    d = dict(d)
+    d["llm"] = qwen.QwenConfig.from_dict(d["llm"])
+    head = dict(d["head"])
+    head["text_rope_llama3"] = tuple(head["text_rope_llama3"])
+    d["head"] = TunaHeadConfig(**head)
+    d["siglip"] = siglip.SiglipVisionConfig.from_dict(d["siglip"]) if d.get("siglip") else None
+    return cls(**d)
+
+
+@flax.struct.dataclass
+class TunaOutput:
+  logits: jax.Array | None      # [b t v] fp32
+  prediction: jax.Array         # [b t o] velocity (or x1) at every position; read it at image tokens
+  hidden_states: tuple | None   # LLM hidden states when requested (depth + 1 entries)
+
+
+class PatchEncoder(nn.Module):
+  """TUNA-2 stem: a stride-p patch embedding (a dense layer over p x p x c patches) + RMSNorm."""
+
+  features: int
+  token_features: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = DenseGeneral((self.token_features,), (self.features,), (None, "embed"), use_bias=True,
+                     name="patch_embedding", **kw)(x)
+    # torch.nn.RMSNorm(eps=None) uses the dtype's machine epsilon
+    return RMSNorm(self.features, float(jnp.finfo(jnp.float32).eps), name="norm", **kw)(h)
+
+
+class SiglipProjector(nn.Module):
+  """RMSNorm -> Linear -> GELU -> Linear: SigLIP features [b t c] -> LLM embeddings [b t d]."""
+
+  in_features: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = RMSNorm(self.in_features, 1e-6, name="layers_0", **kw)(x)
+    h = DenseGeneral((self.in_features,), (self.features,), ("mlp", "embed"), True, name="layers_1", **kw)(h)
+    h = jax.nn.gelu(h, approximate=False)
+    return DenseGeneral((self.features,), (self.features,), ("mlp", "embed"), True, name="layers_3", **kw)(h)
+
+
+class Tuna(nn.Module):
+  cfg: TunaConfig
+
+  def setup(self):
+    cfg = self.cfg
+    kw = dict(dtype=jnp.dtype(cfg.llm.dtype), param_dtype=jnp.dtype(cfg.llm.param_dtype))
+    self.llm = qwen.Qwen(cfg.llm)
+    if cfg.encoder == "siglip":
+      self.vision_model = siglip.VisionTransformer(cfg.siglip)
+      self.siglip_proj = SiglipProjector(cfg.siglip.embed, cfg.llm.embed, **kw)
+    else:
+      self.vision_encoder = PatchEncoder(cfg.llm.embed, cfg.token_features, **kw)
+    self.time_embed = TimestepEmbedder(cfg.head.embed, cfg.time_frequency_dim, **kw)
+    self.diffusion_head_a = [ModulatedBlock(cfg.head, name=f"diffusion_head_a_{i}") for i in range(cfg.head.depth)]
+    self.diffusion_head_b = FinalLayer(cfg.head)
+
+  def encode_images(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """x_t at image tokens -> LLM embeddings [b t d] (garbage outside image tokens; masked by the caller)."""
+    cfg = self.cfg
+    image = (batch["span_ids"] > 0) & ~batch["time_slot"]
+    x_t = batch["x_t"]
+    if cfg.encoder == "patch":
+      return self.vision_encoder(x_t)
+    seg = jnp.where(image, batch["span_ids"], 0)
+    width = jnp.maximum(gather_spans(batch["span_hw"], batch["span_ids"], 0)[..., 1], 1)
+    pos = batch["thw"][..., 1] * width + batch["thw"][..., 2]
+    feats = self.vision_model(patches=x_t, spatial_shapes=batch["span_hw"], segment_ids=seg, positions=pos)
+    return self.siglip_proj(feats.last_hidden_state)
+
+  def __call__(self, batch: Mapping[str, jax.Array], *, return_logits: bool = True,
+               return_hidden_states: bool = False) -> TunaOutput:
+    """Packed batch (BATCH_KEYS) -> logits at every position and the flow prediction at every position."""
+    missing = sorted(set(BATCH_KEYS) - set(batch))
+    if missing:
+      raise ValueError(f"Tuna: batch is missing {missing}; expected keys: {sorted(BATCH_KEYS)}")
+    span_ids, time_slot = batch["span_ids"], batch["time_slot"]
+    image = ((span_ids > 0) & ~time_slot)[..., None]
+    t_embed = self.time_embed(batch["span_t"])                                    # [b n d]
+    x = self.llm.embed(batch["tokens"])
+    x = jnp.where(image, self.encode_images(batch).astype(x.dtype), x)
+    x = jnp.where(time_slot[..., None], gather_spans(t_embed, span_ids, 0.0).astype(x.dtype), x)
+    out = self.llm(inputs_embeds=x, positions=batch["positions"], segment_ids=batch["segment_ids"],
+                   span_ids=span_ids, return_logits=return_logits, return_hidden_states=return_hidden_states)
+    h = out.last_hidden_state
+    rope_fn = tuna_rope_fn(self.cfg.head, batch["positions"], span_ids, time_slot, batch["thw"])
+    for block in self.diffusion_head_a:
+      h = block(h, t_embed, span_ids, rope_fn, batch["segment_ids"])
+    prediction = self.diffusion_head_b(h, t_embed, span_ids)
+    return TunaOutput(logits=out.logits, prediction=prediction.astype(jnp.float32), hidden_states=out.hidden_states)

@@ -1,0 +1,107 @@
+"""TUNA flow head: modulated attention blocks with AdaLN-Zero on image spans, and the final layer.
+
+Reference: facebookresearch/tuna-2 tuna/models/backbones/modules_new_mm.py (ModulatedAttentionBlock,
+SdpaAttention with `apply_rope_image3d_text1d`, FinalLayer, DiffusionHeadConfig).
+Shapes: b batch, t tokens, n spans (images) per row, d embed, h|k heads, e head_dim, o out features.
+
+The head runs over every position of the LLM's last hidden state with the LLM's mask. Inside an
+image span the time embedding of that image modulates the block; elsewhere shift = scale = 0 and
+gate = 1. RoPE depends on the token class: text tokens get 1D rotate-half RoPE with LLaMA-3-scaled
+frequencies at their position, the time slot none, image tokens 3D RoPE (t, y, x) on interleaved pairs
+rotated by -phi, each image starting at (0, 0, 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from unimm_jax.layers import Attention, DenseGeneral, GatedMLP, RMSNorm, apply_rope
+from unimm_jax.layers.modulation import AdaLNModulation, modulate
+from unimm_jax.layers.rope import llama3_inv_frequencies, rope_angles_thw
+
+
+@dataclasses.dataclass(frozen=True)
+class TunaHeadConfig:
+  embed: int
+  mlp: int
+  depth: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  out_features: int                 # p * p * channels of the generated space
+  norm_eps: float = 1e-5            # block norms (DiffusionHeadConfig.rms_norm_eps)
+  qk_norm_eps: float = 1e-6         # q_norm / k_norm and the final norm use RMSNorm's default
+  text_rope_theta: float = 500000.0
+  text_rope_llama3: tuple[float, float, float, int] = (32.0, 1.0, 4.0, 8192)  # factor, low, high, original
+  image_rope_theta: float = 10000.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: str = "auto"
+
+
+def gather_spans(table: jax.Array, span_ids: jax.Array, outside: float) -> jax.Array:
+  """Per-span rows [b n d] -> per-token [b t d]: row span_ids - 1 inside a span, `outside` elsewhere."""
+  idx = jnp.clip(span_ids - 1, 0, table.shape[1] - 1)[..., None]
+  rows = jnp.take_along_axis(table, idx, axis=1)
+  return jnp.where(span_ids[..., None] > 0, rows, jnp.asarray(outside, table.dtype))
+
+
+def tuna_rope_fn(cfg: TunaHeadConfig, positions: jax.Array, span_ids: jax.Array, time_slot: jax.Array,
+                 thw: jax.Array) -> Callable[[jax.Array], jax.Array]:
+  """RoPE by token class: positions [b t], span_ids [b t], time_slot [b t] bool, thw [b t 3] -> rope_fn."""
+  factor, low, high, original = cfg.text_rope_llama3
+  inv = llama3_inv_frequencies(cfg.head_dim, cfg.text_rope_theta, factor, low, high, original)
+  text_angles = positions.astype(jnp.float32)[..., None] * inv
+  image_angles = rope_angles_thw(thw, cfg.head_dim, cfg.image_rope_theta)
+  text = (span_ids == 0)[:, :, None, None]
+  image = ((span_ids > 0) & ~time_slot)[:, :, None, None]
+
+  def rope_fn(x: jax.Array) -> jax.Array:
+    rotated_text = apply_rope(x, text_angles)
+    rotated_image = apply_rope(x, -image_angles, interleaved=True)
+    return jnp.where(text, rotated_text, jnp.where(image, rotated_image, x))
+
+  return rope_fn
+
+
+class ModulatedBlock(nn.Module):
+  """x + g1 * attn(mod(norm(x), s1, c1)); x + g2 * mlp(mod(norm(x), s2, c2)), (s, c, g) per image span."""
+
+  cfg: TunaHeadConfig
+
+  @nn.compact
+  def __call__(self, x, cond, span_ids, rope_fn, segment_ids):
+    cfg = self.cfg
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    chunks = AdaLNModulation(cfg.embed, 6, name="adaLN_modulation", **kw)(cond)
+    shift1, scale1, gate1, shift2, scale2, gate2 = (
+        gather_spans(c, span_ids, outside) for c, outside in zip(chunks, (0.0, 0.0, 1.0, 0.0, 0.0, 1.0)))
+    h = modulate(RMSNorm(cfg.embed, cfg.norm_eps, name="input_layernorm", **kw)(x), shift1, scale1)
+    h, _ = Attention(cfg.embed, cfg.heads, cfg.kv_heads, cfg.head_dim, qk_norm=True, norm_eps=cfg.qk_norm_eps,
+                     impl=cfg.attention_impl, name="self_attn", **kw)(
+                         h, rope_fn=rope_fn, segment_ids=segment_ids, span_ids=span_ids, causal=True)
+    x = x + (gate1 * h).astype(x.dtype)
+    h = modulate(RMSNorm(cfg.embed, cfg.norm_eps, name="post_attention_layernorm", **kw)(x), shift2, scale2)
+    x = x + (gate2 * GatedMLP(cfg.embed, cfg.mlp, "silu", name="mlp", **kw)(h)).astype(x.dtype)
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+
+
+class FinalLayer(nn.Module):
+  """Linear(mod(norm(x), shift, scale)) with (shift, scale) from the span's time embedding: [b t d] -> [b t o]."""
+
+  cfg: TunaHeadConfig
+
+  @nn.compact
+  def __call__(self, x, cond, span_ids):
+    cfg = self.cfg
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
+    shift, scale = (gather_spans(c, span_ids, 0.0)
+                    for c in AdaLNModulation(cfg.embed, 2, name="adaLN_modulation", **kw)(cond))
+    h = modulate(RMSNorm(cfg.embed, cfg.qk_norm_eps, name="norm_final", **kw)(x), shift, scale)
+    return DenseGeneral((cfg.embed,), (cfg.out_features,), ("embed", None), use_bias=True,
+                        kernel_init=nn.initializers.zeros_init(), name="linear", **kw)(h)
