@@ -90,6 +90,13 @@ def understanding_sample(image: np.ndarray, prompt_ids: Sequence[int], answer_id
   return _join(parts, [image], "mmu")
 
 
+def understanding_prompt(image: np.ndarray, prompt_ids: Sequence[int], tok: TunaTokens) -> dict[str, Any]:
+  """The understanding layout up to the prompt: what generation continues from."""
+  parts = [_text([tok.bos, tok.boi], False), _span(image, 1, tok, clean=True, flow=False),
+           _text([tok.eoi, *prompt_ids], False)]
+  return _join(parts, [image], "mmu")
+
+
 def edit_sample(source: np.ndarray, instruction_ids: Sequence[int], target: np.ndarray,
                 tok: TunaTokens) -> dict[str, Any]:
   parts = [_text([tok.bos, tok.boi], False), _span(source, 1, tok, clean=True, flow=False),

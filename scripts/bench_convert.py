@@ -57,14 +57,15 @@ def write_random_qwen(path: str, gb: float) -> int:
 
 def child_peak_rss(args: list[str]) -> tuple[int, float]:
   """Runs a child python; returns (its peak RSS in bytes, seconds)."""
-  code = ("import resource, runpy, sys; sys.argv = sys.argv[1:]; "
-          "runpy.run_path(sys.argv[0], run_name='__main__') if sys.argv[0] != '-' else None; "
+  code = ("import resource, runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n"
+          "  runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n"
+          "  if e.code not in (0, None): raise\n"
           "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
   t0 = time.perf_counter()
   r = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True)
   if r.returncode != 0:
     raise RuntimeError(r.stderr[-2000:])
-  peak_kb = int(r.stderr.strip().splitlines()[-1].split()[1])
+  peak_kb = int(next(l for l in reversed(r.stderr.splitlines()) if l.startswith("PEAK ")).split()[1])
   return peak_kb * 1024, time.perf_counter() - t0
 
 

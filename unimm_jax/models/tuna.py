@@ -163,6 +163,17 @@ class Tuna(nn.Module):
     feats = self.vision_model(patches=x_t, spatial_shapes=batch["span_hw"], segment_ids=seg, positions=pos)
     return self.siglip_proj(feats.last_hidden_state)
 
+  def embed_inputs(self, batch: Mapping[str, jax.Array], t_embed: jax.Array | None = None) -> jax.Array:
+    """The LLM's input row [b t d]: token embeddings, encoded images at image tokens, time embeddings
+    at time slots (also the prefill of understanding generation)."""
+    span_ids, time_slot = batch["span_ids"], batch["time_slot"]
+    if t_embed is None:
+      t_embed = self.time_embed(batch["span_t"])
+    image = ((span_ids > 0) & ~time_slot)[..., None]
+    x = self.llm.embed(batch["tokens"])
+    x = jnp.where(image, self.encode_images(batch).astype(x.dtype), x)
+    return jnp.where(time_slot[..., None], gather_spans(t_embed, span_ids, 0.0).astype(x.dtype), x)
+
   def __call__(self, batch: Mapping[str, jax.Array], *, return_logits: bool = True,
                return_hidden_states: bool = False) -> TunaOutput:
     """Packed batch (BATCH_KEYS) -> logits at every position and the flow prediction at every position."""
@@ -170,11 +181,8 @@ class Tuna(nn.Module):
     if missing:
       raise ValueError(f"Tuna: batch is missing {missing}; expected keys: {sorted(BATCH_KEYS)}")
     span_ids, time_slot = batch["span_ids"], batch["time_slot"]
-    image = ((span_ids > 0) & ~time_slot)[..., None]
     t_embed = self.time_embed(batch["span_t"])                                    # [b n d]
-    x = self.llm.embed(batch["tokens"])
-    x = jnp.where(image, self.encode_images(batch).astype(x.dtype), x)
-    x = jnp.where(time_slot[..., None], gather_spans(t_embed, span_ids, 0.0).astype(x.dtype), x)
+    x = self.embed_inputs(batch, t_embed)
     out = self.llm(inputs_embeds=x, positions=batch["positions"], segment_ids=batch["segment_ids"],
                    span_ids=span_ids, return_logits=return_logits, return_hidden_states=return_hidden_states)
     h = out.last_hidden_state

@@ -1,0 +1,112 @@
+"""TUNA samplers: exact Euler endpoints on analytic fields, guidance algebra, cached understanding decode."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tuna_tiny
+from test_tuna import _randomize
+from unimm_jax.data import packing
+from unimm_jax.data import tuna_sequences as ts
+from unimm_jax.models import tuna
+from unimm_jax.sampling import tuna as sampling
+
+
+def test_time_grid_is_the_reference_warp_with_steps_points():
+  g = sampling.time_grid(5, 3.0)
+  s = np.linspace(0, 1, 5)
+  np.testing.assert_allclose(g, s / (s + 3 - 3 * s), atol=1e-7)
+  assert g[0] == 0.0 and g[-1] == 1.0
+
+
+def test_euler_reaches_the_endpoint_of_straight_flows_exactly():
+  target = jax.random.normal(jax.random.key(0), (2, 6, 3))
+  x0 = jax.random.normal(jax.random.key(1), (2, 6, 3))
+  grid = sampling.time_grid(7, 3.0)
+  x1 = sampling.euler(lambda x, t: (target - x) / (1.0 - t), x0, grid)   # the optimal flow to `target`
+  np.testing.assert_allclose(x1, target, atol=1e-5)
+  const = sampling.euler(lambda x, t: jnp.full_like(x, 0.5), x0, grid)
+  np.testing.assert_allclose(const, x0 + 0.5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model():
+  cfg = tuna_tiny.config()
+  m = tuna.Tuna(cfg)
+  b = jax.tree.map(jnp.asarray, tuna_tiny.batch(cfg, [tuna_tiny.samples(cfg)]))
+  b = {**b, "span_t": jnp.ones((1, 4)), "x_t": b["x1"]}
+  return m, _randomize(m.init(jax.random.key(0), b)["params"], seed=5)
+
+
+def _manual_t2i(m, params, prompt, grid_hw, steps, seed):
+  """Euler with the conditional prediction only, built by hand from one t2i row."""
+  h, w = grid_hw
+  o = m.cfg.token_features
+  s = ts.t2i_sample(prompt, np.zeros((h, w, o), np.float32), tuna_tiny.TOK)
+  row = packing.pack_row([s], 32)
+  b = {k: jnp.asarray(v) for k, v in ts.to_batch([row], 1, o).items()}
+  slots = np.flatnonzero((s["span_local"] == 1) & ~s["time_slot"])
+  x = jax.random.normal(jax.random.key(seed), (1, h * w, o))
+  grid = sampling.time_grid(steps, 3.0)
+  for i in range(steps - 1):
+    x_t = jnp.zeros_like(b["x1"]).at[0, slots].set(x[0])
+    v = m.apply({"params": params}, {**b, "x_t": x_t, "span_t": jnp.full((1, 1), grid[i])}).prediction[0, slots]
+    x = x + (grid[i + 1] - grid[i]) * v[None]
+  return np.asarray(x).reshape(1, h, w, o)
+
+
+def test_guidance_one_is_the_conditional_prediction(model):
+  m, params = model
+  sampler = sampling.TunaSampler(m, params, tuna_tiny.TOK)
+  got = sampler.text_to_image([[10, 11]], (2, 3), sampling.FlowSamplerConfig(steps=4, guidance=1.0), seed=3)
+  np.testing.assert_allclose(got, _manual_t2i(m, params, [10, 11], (2, 3), 4, 3), atol=1e-5)
+
+
+def test_guidance_is_irrelevant_when_the_null_prompt_is_the_prompt(model):
+  m, params = model
+  sampler = sampling.TunaSampler(m, params, tuna_tiny.TOK)
+  one = sampler.text_to_image([[10, 11], [12]], (2, 2), sampling.FlowSamplerConfig(steps=3, guidance=1.0), seed=1)
+  both = sampler.text_to_image([[10, 11]], (2, 2), sampling.FlowSamplerConfig(steps=3, guidance=7.5),
+                               negative=[10, 11], seed=1)
+  np.testing.assert_allclose(both[0], one[0], atol=1e-4)
+  differs = sampler.text_to_image([[10, 11]], (2, 2), sampling.FlowSamplerConfig(steps=3, guidance=7.5), seed=1)
+  assert np.abs(differs[0] - one[0]).max() > 1e-3
+
+
+def test_edit_keeps_the_source_clean_and_guidance_combines_branches(model):
+  m, params = model
+  sampler = sampling.TunaSampler(m, params, tuna_tiny.TOK)
+  src = np.random.default_rng(0).normal(size=(2, 2, m.cfg.token_features)).astype(np.float32)
+  cfg = sampling.FlowSamplerConfig(steps=3, guidance=1.0)
+  plain = sampler.edit([src], [[18]], cfg, seed=2)
+  assert plain.shape == (1, 2, 2, m.cfg.token_features) and np.all(np.isfinite(plain))
+  same = sampler.edit([src], [[18]], dataclasses.replace(cfg, guidance=4.0), negative=[18], seed=2)
+  np.testing.assert_allclose(same, plain, atol=1e-4)  # null instruction == instruction
+  three = sampler.edit([src], [[18]], dataclasses.replace(cfg, guidance=4.0, image_guidance=1.5), seed=2)
+  assert np.all(np.isfinite(three)) and np.abs(three - plain).max() > 1e-3
+
+
+def test_understanding_with_kv_cache_equals_full_recompute_greedy(model):
+  m, params = model
+  o = m.cfg.token_features
+  rng = np.random.default_rng(4)
+  images = [rng.normal(size=(2, 3, o)).astype(np.float32), rng.normal(size=(2, 2, o)).astype(np.float32)]
+  prompts = [[13, 14], [13, 14, 15, 16]]
+  sampler = sampling.TunaSampler(m, params, tuna_tiny.TOK)
+  out = sampler.understand(images, prompts, max_new_tokens=6)
+  for img, prompt, got in zip(images, prompts, out.tokens):
+    s = ts.understanding_prompt(img, prompt, tuna_tiny.TOK)
+    tokens = []
+    for _ in range(6):
+      full = {k: np.concatenate([v, v[-1:].repeat(len(tokens), 0) * 0]) if isinstance(v, np.ndarray) else v
+              for k, v in s.items()}
+      full["tokens"] = np.concatenate([s["tokens"], np.asarray(tokens, np.int32)])
+      row = packing.pack_row([full], 32)
+      b = {k: jnp.asarray(v) for k, v in ts.to_batch([row], 1, o).items()}
+      logits = m.apply({"params": params}, {**b, "x_t": b["x1"], "span_t": jnp.ones((1, 1))}).logits
+      tokens.append(int(jnp.argmax(logits[0, len(full["tokens"]) - 1])))
+    assert got.tolist() == tokens

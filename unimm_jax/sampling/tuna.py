@@ -1,0 +1,167 @@
+"""TUNA sampling: text-to-image and editing (Euler ODE + classifier-free guidance), understanding.
+
+Reference: tuna-2 tuna/pipelines/generation.py, editing.py, understanding.py, transport/.
+Time runs from 0 (noise) to 1 (clean). `steps = N` gives N grid points t = s / (s + k - k s),
+s = linspace(0, 1, N) (k = shift, 3 for TUNA), hence N - 1 model evaluations. Conditional and
+null branches share one batch: v = v_null + g (v_cond - v_null). An x0-predicting model (TUNA-2)
+is turned into a velocity v = (x1_hat - x_t) / (1 - t).
+Shapes: n images, N = h * w image tokens, o values per token, b rows of the batched branches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from unimm_jax.data import packing
+from unimm_jax.data import tuna_sequences as ts
+from unimm_jax.models import qwen
+from unimm_jax.models.tuna import Tuna
+from unimm_jax.sampling.text import Generation, SamplerConfig, generate_from_embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSamplerConfig:
+  steps: int = 50
+  shift: float = 3.0
+  guidance: float = 7.5          # text guidance; 1 = conditional only
+  image_guidance: float = 0.0    # editing: > 0 adds a branch without the source image (InstructPix2Pix style)
+
+  def __post_init__(self):
+    if self.steps < 2:
+      raise ValueError(f"FlowSamplerConfig.steps must be >= 2 (grid points), got {self.steps}")
+
+
+def time_grid(steps: int, shift: float) -> np.ndarray:
+  s = np.linspace(0.0, 1.0, steps, dtype=np.float64)
+  return (s / (s + shift - shift * s)).astype(np.float32)
+
+
+def euler(velocity: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, grid: np.ndarray,
+          progress: bool = False) -> jax.Array:
+  """Integrates dx/dt = velocity(x, t) over the grid from x(grid[0]) = x0."""
+  x = x0
+  for i in tqdm(range(len(grid) - 1), desc="sample", unit="step", disable=not progress):
+    x = x + float(grid[i + 1] - grid[i]) * velocity(x, jnp.float32(grid[i]))
+  return x
+
+
+def _rows(samples: Sequence[dict], multiple: int = 16) -> tuple[list[dict], int]:
+  length = -(-max(len(s["tokens"]) for s in samples) // multiple) * multiple
+  return [packing.pack_row([s], length) for s in samples], length
+
+
+def _image_slots(sample: dict, span: int) -> np.ndarray:
+  """Token indices of the image tokens of local span `span` (time slot excluded)."""
+  return np.flatnonzero((sample["span_local"] == span) & ~sample["time_slot"])
+
+
+@dataclasses.dataclass
+class TunaSampler:
+  """Samples a TUNA model: `module` (Tuna), its `params`, and the tokenizer's special `tokens`."""
+
+  module: Tuna
+  params: Any
+  tokens: ts.TunaTokens
+
+  @functools.cached_property
+  def _forward(self):
+    return jax.jit(lambda params, batch: self.module.apply({"params": params}, batch, return_logits=False).prediction)
+
+  def _velocity_fn(self, batch: dict, slots: np.ndarray, span_of_target: np.ndarray, weights: Sequence[float]):
+    """x [n N o], t -> guided velocity [n N o]; the batch holds len(weights) branches of n rows each."""
+    n = slots.shape[0] // len(weights)
+    rows = np.arange(slots.shape[0])[:, None]
+    x0_prediction = self.module.cfg.prediction == "x0"
+
+    def velocity(x, t):
+      xs = jnp.concatenate([x] * len(weights))
+      x_t = jnp.zeros_like(batch["x1"]).at[rows, slots].set(xs)
+      span_t = batch["span_t_clean"].at[np.arange(slots.shape[0]), span_of_target].set(t)
+      pred = self._forward(self.params, {**batch, "x_t": x_t, "span_t": span_t})[rows, slots]
+      if x0_prediction:
+        pred = (pred - xs) / jnp.maximum(1.0 - t, 1e-3)
+      branches = [pred[i * n:(i + 1) * n] for i in range(len(weights))]
+      return sum(w * v for w, v in zip(weights, branches))
+
+    return velocity
+
+  def _batch(self, samples: Sequence[dict]) -> dict:
+    rows, _ = _rows(samples)
+    max_spans = max(int(r["span_ids"].max()) for r in rows)
+    b = ts.to_batch(rows, max_spans=max(max_spans, 1), token_features=self.module.cfg.token_features)
+    b = {k: jnp.asarray(v) for k, v in b.items()}
+    b["span_t_clean"] = jnp.ones(b["span_clean"].shape, jnp.float32)
+    return b
+
+  def text_to_image(self, prompts: Sequence[Sequence[int]], grid: tuple[int, int], cfg: FlowSamplerConfig,
+                    *, negative: Sequence[int] = (), seed: int = 0, progress: bool = False) -> np.ndarray:
+    """Token-id prompts -> clean image tokens [n h w o] of a `grid` = (h, w) token grid."""
+    h, w = grid
+    o = self.module.cfg.token_features
+    blank = np.zeros((h, w, o), np.float32)
+    cond = [ts.t2i_sample(p, blank, self.tokens) for p in prompts]
+    null = [ts.t2i_sample(negative, blank, self.tokens) for _ in prompts]
+    samples, weights = (cond, [1.0]) if cfg.guidance == 1.0 else (cond + null, [cfg.guidance, 1.0 - cfg.guidance])
+    batch = self._batch(samples)
+    slots = np.stack([_image_slots(s, 1) for s in samples])
+    velocity = self._velocity_fn(batch, slots, np.zeros(len(samples), np.int32), weights)
+    x0 = jax.random.normal(jax.random.key(seed), (len(prompts), h * w, o))
+    x1 = euler(velocity, x0, time_grid(cfg.steps, cfg.shift), progress)
+    return np.asarray(x1).reshape(len(prompts), h, w, o)
+
+  def edit(self, sources: Sequence[np.ndarray], instructions: Sequence[Sequence[int]], cfg: FlowSamplerConfig,
+           *, negative: Sequence[int] = (), seed: int = 0, progress: bool = False) -> np.ndarray:
+    """Clean source image tokens [h w o] (each) + instructions -> edited image tokens [n h w o] (same grids)."""
+    shapes = {s.shape for s in sources}
+    if len(shapes) != 1:
+      raise ValueError(f"edit: sources of one call must share a grid, got {sorted(shapes)}")
+    blank = np.zeros_like(sources[0], np.float32)
+    full = [ts.edit_sample(s, p, blank, self.tokens) for s, p in zip(sources, instructions)]
+    no_text = [ts.edit_sample(s, negative, blank, self.tokens) for s in sources]
+    if cfg.image_guidance > 0:  # v = v_none + g_i (v_img - v_none) + g_t (v_full - v_img)
+      none = [ts.t2i_sample(negative, blank, self.tokens) for _ in sources]
+      samples = full + no_text + none
+      weights = [cfg.guidance, cfg.image_guidance - cfg.guidance, 1.0 - cfg.image_guidance]
+      spans = [2] * (2 * len(sources)) + [1] * len(sources)
+    elif cfg.guidance != 1.0:
+      samples, weights, spans = full + no_text, [cfg.guidance, 1.0 - cfg.guidance], [2] * (2 * len(sources))
+    else:
+      samples, weights, spans = full, [1.0], [2] * len(sources)
+    batch = self._batch(samples)
+    slots = np.stack([_image_slots(s, k) for s, k in zip(samples, spans)])
+    velocity = self._velocity_fn(batch, slots, np.asarray(spans, np.int32) - 1, weights)
+    h, w, o = sources[0].shape
+    x0 = jax.random.normal(jax.random.key(seed), (len(sources), h * w, o))
+    x1 = euler(velocity, x0, time_grid(cfg.steps, cfg.shift), progress)
+    return np.asarray(x1).reshape(len(sources), h, w, o)
+
+  def understand(self, images: Sequence[np.ndarray], prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 sampler: SamplerConfig = SamplerConfig(), stop_tokens: Sequence[int] = (), seed: int = 0,
+                 on_step: Callable[[Any], None] | None = None) -> Generation:
+    """Clean image tokens [h w o] + prompt ids -> answers, decoded with the LLM's KV cache."""
+    samples = [ts.understanding_prompt(img, p, self.tokens) for img, p in zip(images, prompts)]
+    rows, length = _rows(samples, multiple=8)
+    for r, s in zip(rows, samples):  # left-pad: move each prompt to the end of its row
+      shift = length - len(s["tokens"])
+      for k, v in r.items():
+        if isinstance(v, np.ndarray) and v.shape[:1] == (length,):
+          r[k] = np.roll(v, shift, axis=0)
+      r["attachments"] = [(o + shift, a) for o, a in r["attachments"]]
+    batch = ts.to_batch(rows, max_spans=1, token_features=self.module.cfg.token_features)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    batch["span_t"] = jnp.ones((len(rows), 1), jnp.float32)
+    batch["x_t"] = batch["x1"]
+    embeds = self.module.apply({"params": self.params}, batch, method=Tuna.embed_inputs)
+    llm = qwen.Qwen(self.module.cfg.llm)
+    return generate_from_embeddings(
+        llm, self.params["llm"], embeds, np.asarray(batch["segment_ids"]), span_ids=batch["span_ids"],
+        max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stop_tokens, pad_id=self.tokens.pad, seed=seed,
+        on_step=on_step)
