@@ -60,8 +60,8 @@ def save(dst: str, params: Mapping, meta: Mapping[str, Any], *, extra_files: Map
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.join(tmp, PARAMS_DIR), unflatten(flat))
     ckptr.wait_until_finished()
-    for name, src in dict(extra_files).items():
-      shutil.copy2(src, os.path.join(tmp, name))
+    for name, src in dict(extra_files).items():  # files (tokenizer) or whole directories (a TUNA's vae/)
+      (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(record, f, indent=1)
     if os.path.exists(dst):

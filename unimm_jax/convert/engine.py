@@ -142,10 +142,12 @@ def convert(
     *,
     ignore: Iterable[str] = (),
     where: str = "checkpoint",
+    place: Callable[[np.ndarray], object] | None = None,
 ) -> dict[str, np.ndarray]:
   """Streams `source` (name -> loader) through `rules` into {our path: array of the abstract dtype}.
 
-  `abstract` is the flat {path: ShapeDtypeStruct} of the target model.
+  `abstract` is the flat {path: ShapeDtypeStruct} of the target model. `place` (e.g. jax.device_put)
+  moves each converted tensor as soon as it is ready, so no second host copy of the model builds up.
   """
   compiled = compile_rules(rules)
   ignore_re = [re.compile(p) for p in ignore]
@@ -182,7 +184,8 @@ def convert(
         problems.append(
             f"{key!r} -> {dst!r}: {rule.transform.name} gave {tuple(got.shape)}, model expects {tuple(want.shape)}")
         continue
-      out[dst] = np.ascontiguousarray(got, dtype=want.dtype)
+      got = np.ascontiguousarray(got, dtype=want.dtype)
+      out[dst] = place(got) if place is not None else got
       origin[dst] = key
   missing = sorted(set(abstract) - set(out))
   if missing:
@@ -221,3 +224,9 @@ def export(params: Mapping[str, np.ndarray], rules: Sequence[Rule], *, where: st
   if problems:
     raise ConversionError(f"{where}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
   return out
+
+
+def prefixed(rules: Sequence[Rule], source_prefix: str, target_prefix: str) -> tuple[Rule, ...]:
+  """A family's rules nested in a bigger checkpoint: `source_prefix` (a regex of literals) before each
+  source key, `target_prefix` before each target path (e.g. TUNA's `tuna.` LLM under `llm/`)."""
+  return tuple((source_prefix + src, target_prefix + dst, t) for src, dst, t in rules)

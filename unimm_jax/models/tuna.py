@@ -28,6 +28,8 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
 
 from unimm_jax.layers import DenseGeneral, RMSNorm
 from unimm_jax.layers.modulation import TimestepEmbedder
@@ -101,18 +103,21 @@ class TunaOutput:
 
 
 class PatchEncoder(nn.Module):
-  """TUNA-2 stem: a stride-p patch embedding (a dense layer over p x p x c patches) + RMSNorm."""
+  """TUNA-2 stem: a stride-p patch embedding (a dense [p p c d] kernel, the conv's HWIO) + RMSNorm."""
 
   features: int
-  token_features: int
+  patch: int
+  channels: int
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    """[b t (p p c)] -> [b t d]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = DenseGeneral((self.token_features,), (self.features,), (None, "embed"), use_bias=True,
-                     name="patch_embedding", **kw)(x)
+    x = rearrange(x, "b t (p q c) -> b t p q c", p=self.patch, q=self.patch)
+    h = DenseGeneral((self.patch, self.patch, self.channels), (self.features,), (None, None, None, "embed"),
+                     use_bias=True, name="patch_embedding", **kw)(x)
     # torch.nn.RMSNorm(eps=None) uses the dtype's machine epsilon
     return RMSNorm(self.features, float(jnp.finfo(jnp.float32).eps), name="norm", **kw)(h)
 
@@ -145,7 +150,7 @@ class Tuna(nn.Module):
       self.vision_model = siglip.VisionTransformer(cfg.siglip)
       self.siglip_proj = SiglipProjector(cfg.siglip.embed, cfg.llm.embed, **kw)
     else:
-      self.vision_encoder = PatchEncoder(cfg.llm.embed, cfg.token_features, **kw)
+      self.vision_encoder = PatchEncoder(cfg.llm.embed, cfg.patch, cfg.channels, **kw)
     self.time_embed = TimestepEmbedder(cfg.head.embed, cfg.time_frequency_dim, **kw)
     self.diffusion_head_a = [ModulatedBlock(cfg.head, name=f"diffusion_head_a_{i}") for i in range(cfg.head.depth)]
     self.diffusion_head_b = FinalLayer(cfg.head)
@@ -191,3 +196,23 @@ class Tuna(nn.Module):
       h = block(h, t_embed, span_ids, rope_fn, batch["segment_ids"])
     prediction = self.diffusion_head_b(h, t_embed, span_ids)
     return TunaOutput(logits=out.logits, prediction=prediction.astype(jnp.float32), hidden_states=out.hidden_states)
+
+
+def example_batch(cfg: tuna.TunaConfig, row_length: int, max_spans: int, batch: int = 1) -> dict[str, np.ndarray]:
+  """A zero batch of the model's input shapes, with clean patches x1 (data.tuna_sequences.to_batch);
+  `model_inputs` adds x_t and span_t for init and abstract shapes."""
+  o = cfg.token_features
+  return {
+      "tokens": np.zeros((batch, row_length), np.int32), "labels": np.full((batch, row_length), -100, np.int32),
+      "segment_ids": np.ones((batch, row_length), np.int32), "positions": np.zeros((batch, row_length), np.int32),
+      "span_ids": np.zeros((batch, row_length), np.int32), "time_slot": np.zeros((batch, row_length), bool),
+      "flow_mask": np.zeros((batch, row_length), bool), "thw": np.zeros((batch, row_length, 3), np.int32),
+      "span_hw": np.zeros((batch, max_spans, 2), np.int32), "span_clean": np.zeros((batch, max_spans), bool),
+      "x1": np.zeros((batch, row_length, o), np.float32),
+  }
+
+
+def model_inputs(cfg: TunaConfig, row_length: int = 16, max_spans: int = 1) -> dict[str, jax.Array]:
+  """example_batch + the clean x_t / span_t the model takes: the inputs of `Tuna.init`."""
+  b = {k: jnp.asarray(v) for k, v in example_batch(cfg, row_length, max_spans).items()}
+  return {**b, "x_t": b["x1"], "span_t": jnp.ones((1, max_spans), jnp.float32)}

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from unimm_jax.models import tuna
 from unimm_jax.training import tuna_objective as obj
@@ -21,19 +20,6 @@ from unimm_jax.training.task import Batch, Params, Task
 
 def config_from(config: ml_collections.ConfigDict) -> tuna.TunaConfig:
   return tuna.TunaConfig.from_dict(config.model.to_dict())
-
-
-def example_batch(cfg: tuna.TunaConfig, row_length: int, max_spans: int, batch: int = 1) -> dict[str, np.ndarray]:
-  """A zero batch of the model's input shapes (for init and abstract shapes)."""
-  o = cfg.token_features
-  return {
-      "tokens": np.zeros((batch, row_length), np.int32), "labels": np.full((batch, row_length), -100, np.int32),
-      "segment_ids": np.ones((batch, row_length), np.int32), "positions": np.zeros((batch, row_length), np.int32),
-      "span_ids": np.zeros((batch, row_length), np.int32), "time_slot": np.zeros((batch, row_length), bool),
-      "flow_mask": np.zeros((batch, row_length), bool), "thw": np.zeros((batch, row_length, 3), np.int32),
-      "span_hw": np.zeros((batch, max_spans, 2), np.int32), "span_clean": np.zeros((batch, max_spans), bool),
-      "x1": np.zeros((batch, row_length, o), np.float32),
-  }
 
 
 def train_flops_per_example(cfg: tuna.TunaConfig, row_length: int) -> float:
@@ -60,8 +46,7 @@ def build(config: ml_collections.ConfigDict) -> Task:
   row, spans = int(config.data.seq_len), int(config.data.max_spans)
 
   def init_fn(rng: jax.Array) -> Params:
-    b = {k: jnp.asarray(v) for k, v in example_batch(cfg, row, spans).items()}
-    return module.init(rng, {**b, "x_t": b["x1"], "span_t": jnp.ones((1, spans))})["params"]
+    return module.init(rng, tuna.model_inputs(cfg, row, spans))["params"]
 
   def loss_fn(params: Params, batch: Batch, rng: jax.Array, norms: Mapping[str, jax.Array]):
     noised = obj.noise_batch(batch, rng, flow)

@@ -1,0 +1,56 @@
+"""tuna-2 reference state dict (`Tuna` / `Tuna2Pixel`, prefixes relative to the wrapper's `tuna_model`)
+-> unimm_jax.models.tuna. The frozen `vae.*` tensors are a separate model (maps/vae_wan.py)."""
+
+from unimm_jax.convert import transforms as T
+from unimm_jax.convert.engine import prefixed
+from unimm_jax.convert.maps import qwen, siglip
+
+_A = r"diffusion_head_a\.(\d+)\."
+_HEAD = (
+    (_A + r"self_attn\.([qkv])_proj\.weight", r"diffusion_head_a_\1/self_attn/\2_proj/kernel", T.to_heads),
+    (_A + r"self_attn\.o_proj\.weight", r"diffusion_head_a_\1/self_attn/o_proj/kernel", T.from_heads),
+    (_A + r"self_attn\.([qk])_norm\.weight", r"diffusion_head_a_\1/self_attn/\2_norm/scale", T.identity),
+    (_A + r"mlp\.(gate|up|down)_proj\.weight", r"diffusion_head_a_\1/mlp/\2_proj/kernel", T.transpose),
+    (_A + r"(input_layernorm|post_attention_layernorm)\.weight", r"diffusion_head_a_\1/\2/scale", T.identity),
+    (_A + r"adaLN_modulation\.1\.weight", r"diffusion_head_a_\1/adaLN_modulation/linear/kernel", T.transpose),
+    (_A + r"adaLN_modulation\.1\.bias", r"diffusion_head_a_\1/adaLN_modulation/linear/bias", T.identity),
+    (r"diffusion_head_b\.norm_final\.weight", "diffusion_head_b/norm_final/scale", T.identity),
+    (r"diffusion_head_b\.linear\.weight", "diffusion_head_b/linear/kernel", T.transpose),
+    (r"diffusion_head_b\.linear\.bias", "diffusion_head_b/linear/bias", T.identity),
+    (r"diffusion_head_b\.adaLN_modulation\.1\.weight", "diffusion_head_b/adaLN_modulation/linear/kernel",
+     T.transpose),
+    (r"diffusion_head_b\.adaLN_modulation\.1\.bias", "diffusion_head_b/adaLN_modulation/linear/bias", T.identity),
+    (r"time_embed\.mlp\.([02])\.weight", r"time_embed/mlp_\1/kernel", T.transpose),
+    (r"time_embed\.mlp\.([02])\.bias", r"time_embed/mlp_\1/bias", T.identity),
+)
+RULES_SIGLIP = (
+    *prefixed(qwen.RULES, r"tuna\.", "llm/"),
+    *prefixed(siglip.RULES_SIGLIP, r"vision_model\.", "vision_model/"),
+    (r"siglip_proj\.0\.weight", "siglip_proj/layers_0/scale", T.identity),
+    (r"siglip_proj\.([13])\.weight", r"siglip_proj/layers_\1/kernel", T.transpose),
+    (r"siglip_proj\.([13])\.bias", r"siglip_proj/layers_\1/bias", T.identity),
+    *_HEAD,
+)
+# TUNA-2: vision_encoder = SimplePatchEmbedding (Conv2d(c, d, p, stride p) + RMSNorm)
+RULES_PATCH = (
+    *prefixed(qwen.RULES, r"tuna\.", "llm/"),
+    (r"vision_encoder\.patch_embedding\.weight", "vision_encoder/patch_embedding/kernel", T.conv2d),
+    (r"vision_encoder\.patch_embedding\.bias", "vision_encoder/patch_embedding/bias", T.identity),
+    (r"vision_encoder\.norm\.weight", "vision_encoder/norm/scale", T.identity),
+    *_HEAD,
+)
+# Non-persistent buffers some exports keep; `vae.*` is converted separately.
+IGNORE = (r"tuna\.model\.rotary_emb\.inv_freq", r"diffusion_head_a\.\d+\.self_attn\.rotary_emb\.inv_freq",
+          r"image_position_ids", r"vae\..*")
+
+
+def rules(cfg) -> tuple:
+  return RULES_SIGLIP if cfg.encoder == "siglip" else RULES_PATCH
+
+
+def ignore(cfg) -> tuple:
+  """IGNORE plus the tied lm_head and the SigLIP layers past the feature layer, if the config drops them."""
+  extra = (r"tuna\.lm_head\.weight",) if cfg.llm.tie_embeddings else ()
+  if cfg.siglip is not None:
+    extra += tuple(rf"vision_model\.encoder\.layers\.{i}\..*" for i in range(cfg.siglip.num_layers, cfg.siglip.depth))
+  return IGNORE + extra

@@ -1,0 +1,119 @@
+"""TUNA checkpoints: the tuna-2 reference format -> ours, and a stage-1 model assembled from parts.
+
+Reference checkpoint: one state dict (`model.safetensors`, or a `.pt` / `.pth` file) with the
+reference's names (maps/tuna.py), including the frozen Wan 2.2 VAE as `vae.model.*` (original Wan
+naming). Our converted directory holds the TUNA params (family "tuna") and, when present, the VAE as
+its own converted checkpoint in `vae/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unimm_jax import checkpoint
+from unimm_jax.convert import engine, hf, sources
+from unimm_jax.convert.errors import ConversionError
+from unimm_jax.convert.maps import tuna as tuna_map
+from unimm_jax.convert.maps import vae_wan as vae_wan_map
+from unimm_jax.models import tuna, vae_wan
+
+VAE_PREFIX = "vae.model."
+VAE_DIR = "vae"
+
+
+def convert_reference(weights: str, cfg: tuna.TunaConfig, vae_cfg: vae_wan.WanVAEConfig | None = None,
+                      place=None) -> tuple[tuna.TunaConfig, dict, dict | None]:
+  """Reference state dict -> (config with the checkpoint's vocabulary, TUNA params, VAE params or None).
+
+  The vocabulary is read from the checkpoint (TUNA resizes Qwen's for its added tokens).
+  """
+  src = sources.open_weights(weights)
+  emb = "tuna.model.embed_tokens.weight"
+  if emb not in src.shapes:
+    raise ConversionError(f"{weights}: no {emb!r}; is this a tuna-2 checkpoint? (first keys: {list(src)[:5]})")
+  cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab=src.shapes[emb][0]))
+  abstract = engine.flatten(hf.abstract_params(hf.FAMILIES["tuna"], cfg))
+  params = engine.convert(src, tuna_map.rules(cfg), abstract, ignore=tuna_map.ignore(cfg), where=weights, place=place)
+  vae_keys = {k[len(VAE_PREFIX):]: src[k] for k in src if k.startswith(VAE_PREFIX)}
+  vae_params = None
+  if vae_keys:
+    vae_cfg = vae_cfg or vae_wan.preset("tuna")
+    vae_abstract = engine.flatten(hf.abstract_params(hf.FAMILIES["vae_wan"], vae_cfg))
+    vae_params = engine.unflatten(engine.convert(
+        vae_keys, vae_wan_map.original_rules(vae_cfg.num_res_blocks), vae_abstract, where=f"{weights} (vae.*)",
+        place=place))
+  return cfg, engine.unflatten(params), vae_params
+
+
+def init_from_parts(cfg: tuna.TunaConfig, *, llm: str, siglip: str | None = None, seed: int = 0) -> tuple[tuna.TunaConfig, dict]:
+  """A stage-1 TUNA as the reference builds it: pretrained Qwen2.5 (vocabulary resized to cfg.llm.vocab,
+  new rows = mean of the old ones, as transformers' resize_token_embeddings), the first layers of a
+  pretrained SigLIP/SigLIP2 tower with a fresh patch embedding and position table (the reference keeps
+  them random too: their shapes differ), everything else freshly initialised."""
+  from unimm_jax import api  # the loader imports this module's family table
+  llm_loaded = api.load(llm)
+  if llm_loaded.family != "qwen":
+    raise ConversionError(f"{llm}: expected a Qwen2/2.5 LLM, got family {llm_loaded.family!r}")
+  keep = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl", "vocab")
+  theirs = {k: v for k, v in dataclasses.asdict(llm_loaded.config).items() if k not in keep}
+  ours = {k: v for k, v in dataclasses.asdict(cfg.llm).items() if k not in keep}
+  if theirs != ours:
+    diff = {k: (theirs[k], ours.get(k)) for k in theirs if theirs[k] != ours.get(k)}
+    raise ConversionError(f"{llm}: LLM config differs from the TUNA config's llm (checkpoint, config): {diff}")
+  params = jax.tree.map(np.asarray, dict(tuna.Tuna(cfg).init(jax.random.key(seed), tuna.model_inputs(cfg))["params"]))
+  params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
+                        is_leaf=lambda x: hasattr(x, "value"))
+  llm_params = jax.tree.map(np.asarray, llm_loaded.params)
+  for path in ("embed_tokens/embedding", "lm_head/kernel"):
+    node = engine.flatten(llm_params).get(path)
+    if node is None:
+      continue
+    axis = 0 if path.startswith("embed") else 1
+    old = node.shape[axis]
+    if old > cfg.llm.vocab:
+      raise ConversionError(f"{llm}: vocabulary {old} is larger than the TUNA config's {cfg.llm.vocab}")
+    mean = node.mean(axis=axis, keepdims=True)
+    grown = np.concatenate([node, np.repeat(mean, cfg.llm.vocab - old, axis=axis)], axis=axis)
+    llm_params = engine.unflatten({**engine.flatten(llm_params), path: grown})
+  params["llm"] = llm_params
+  if cfg.encoder == "siglip":
+    if siglip is None:
+      raise ConversionError("init_from_parts: the SigLIP encoder variant needs a --siglip directory")
+    tower = api.load(siglip)
+    if tower.family not in ("siglip", "siglip2"):
+      raise ConversionError(f"{siglip}: expected a SigLIP / SigLIP2 vision tower, got family {tower.family!r}")
+    t_cfg, mine = tower.config, cfg.siglip
+    if (t_cfg.embed, t_cfg.mlp, t_cfg.heads) != (mine.embed, mine.mlp, mine.heads) or t_cfg.depth < mine.num_layers:
+      raise ConversionError(f"{siglip}: tower (embed, mlp, heads, depth) {(t_cfg.embed, t_cfg.mlp, t_cfg.heads, t_cfg.depth)}"
+                            f" cannot provide {(mine.embed, mine.mlp, mine.heads)} x {mine.num_layers} layers")
+    for i in range(mine.num_layers):
+      params["vision_model"][f"layers_{i}"] = jax.tree.map(np.asarray, tower.params[f"layers_{i}"])
+  return cfg, params
+
+
+def save(dst: str, cfg: tuna.TunaConfig, params: dict, *, vae_cfg: vae_wan.WanVAEConfig | None = None,
+         vae_params: dict | None = None, tokenizer: str | None = None, overwrite: bool = False) -> None:
+  """Writes a converted TUNA directory atomically (params, config, tokenizer files, vae/)."""
+  extra: dict[str, str] = {}
+  if tokenizer:
+    extra.update({n: os.path.join(tokenizer, n) for n in hf.TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer, n))})
+  with tempfile.TemporaryDirectory() as tmp:
+    if vae_params is not None:
+      checkpoint.save(os.path.join(tmp, VAE_DIR), vae_params, {"family": "vae_wan", "config": vae_cfg.to_dict()})
+      extra[VAE_DIR] = os.path.join(tmp, VAE_DIR)
+    checkpoint.save(dst, params, {"family": "tuna", "config": cfg.to_dict()}, extra_files=extra, overwrite=overwrite)
+
+
+def load_vae(path: str) -> Any:
+  """The VAE stored beside a converted TUNA (None for the pixel variants)."""
+  from unimm_jax import api
+  vae_path = os.path.join(path, VAE_DIR)
+  return api.load(vae_path) if os.path.isdir(vae_path) else None
