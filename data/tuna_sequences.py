@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -34,6 +34,20 @@ class TunaTokens:
   eoi: int
   image_pad: int
   pad: int = 0
+
+  NAMES: ClassVar[dict[str, str]] = {"bos": "<|im_start|>", "boi": "<|vision_start|>", "eoi": "<|vision_end|>", "image_pad": "<|image_pad|>"}
+
+  @classmethod
+  def from_tokenizer(cls, tokenizer: Any) -> "TunaTokens":
+    """The tuna-2 choice for Qwen2.5 (misc.get_text_tokenizer): bos <|im_start|>, eos the tokenizer's,
+    boi/eoi <|vision_start|>/<|vision_end|>, <|image_pad|>, pad the tokenizer's pad."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in cls.NAMES.values() if t not in vocab]
+    if missing or tokenizer.eos_token_id is None:
+      raise ValueError(f"tokenizer lacks TUNA's special tokens {missing or ['an eos token']}")
+    ids = {k: vocab[t] for k, t in cls.NAMES.items()}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return cls(eos=tokenizer.eos_token_id, pad=pad, **ids)
 
 
 def _text(ids: Sequence[int], labelled: bool) -> dict[str, np.ndarray]:

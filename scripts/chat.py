@@ -1,7 +1,9 @@
-"""Chat with a converted (or HF) LLM checkpoint using its tokenizer's chat template.
+"""Chat with a converted (or HF) LLM checkpoint using its tokenizer's chat template, or ask a TUNA
+checkpoint about an image.
 
   python scripts/chat.py --ckpt DIR --prompt "Why is the sky blue?" [--max_new_tokens 128]
       [--temperature 0.7 --top_p 0.9 --top_k 50] [--system "..."] [--seed 0]
+  python scripts/chat.py --ckpt TUNA_DIR --image shapes.png --prompt "what colour is the circle?"
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ flags.DEFINE_float("temperature", 0.0, "0 = greedy")
 flags.DEFINE_integer("top_k", 0, "0 = off")
 flags.DEFINE_float("top_p", 1.0, "1 = off")
 flags.DEFINE_integer("seed", 0, "sampling seed")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (LLM checkpoints)")
+flags.DEFINE_string("image", None, "an image to ask about (TUNA checkpoints)")
 
 
 def encode(tokenizer, prompt: str, system: str | None) -> list[int]:
@@ -34,8 +37,34 @@ def encode(tokenizer, prompt: str, system: str | None) -> list[int]:
   return tokenizer(prompt)["input_ids"]
 
 
+def ask_tuna() -> None:
+  import numpy as np
+  from PIL import Image
+
+  from unimm_jax.sampling import tuna as tuna_sampling
+  model = tuna_sampling.load(FLAGS.ckpt)
+  d = model.downsample
+  img = Image.open(FLAGS.image).convert("RGB")
+  img = img.resize(tuple(max(d, round(s / d) * d) for s in img.size), Image.BICUBIC)
+  tokens = tuna_sampling.image_to_tokens(np.asarray(img, np.float32) / 127.5 - 1.0, model.cfg, model.vae)
+  bar = tqdm(total=FLAGS.max_new_tokens, desc="decode", unit="tok", file=sys.stderr)
+  out = model.sampler.understand(
+      [tokens] * len(FLAGS.prompt), [model.encode_text(p) for p in FLAGS.prompt],
+      max_new_tokens=FLAGS.max_new_tokens, sampler=SamplerConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p),
+      stop_tokens=[model.sampler.tokens.eos], seed=FLAGS.seed, on_step=lambda step: bar.update(1))
+  bar.close()
+  for prompt, ids in zip(FLAGS.prompt, out.as_lists()):
+    print(f"> {prompt}\n{model.tokenizer.decode(ids, skip_special_tokens=True)}\n")
+
+
 def main(argv):
   del argv
+  if FLAGS.image:
+    try:
+      return ask_tuna()
+    except (ValueError, OSError) as e:
+      print(f"chat: error: {e}", file=sys.stderr)
+      sys.exit(2)
   model = unimm_jax.load(FLAGS.ckpt, dtype=FLAGS.dtype)
   tok = model.tokenizer
   if tok is None:

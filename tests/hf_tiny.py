@@ -39,16 +39,18 @@ CHAT_TEMPLATE = (
 def tiny_tokenizer(vocab_size: int = 211) -> transformers.PreTrainedTokenizerFast:
   """A word-level tokenizer with Qwen's chat special tokens, built offline."""
   import tokenizers
-  words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n"]
+  words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>", "\n", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>"]
   words += [w for w in "user assistant system the a is what colour shape red blue green circle square".split()]
   words += [f"w{i}" for i in range(vocab_size - len(words))]
   tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
   tk.pre_tokenizer = tokenizers.pre_tokenizers.Sequence([
-      tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"<\|im_start\|>|<\|im_end\|>|\n"), behavior="isolated"),
+      tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"<\|[a-z_]+\|>|\n"), behavior="isolated"),
       tokenizers.pre_tokenizers.Split(" ", behavior="removed")])
   tk.decoder = tokenizers.decoders.WordPiece(prefix="##")
   tok = transformers.PreTrainedTokenizerFast(
       tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>")
-  tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+  tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                                        "<|vision_end|>", "<|image_pad|>"]})
   tok.chat_template = CHAT_TEMPLATE
   return tok

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 from tqdm import tqdm
 
 from unimm_jax.data import packing
@@ -165,3 +166,66 @@ class TunaSampler:
         llm, self.params["llm"], embeds, np.asarray(batch["segment_ids"]), span_ids=batch["span_ids"],
         max_new_tokens=max_new_tokens, sampler=sampler, stop_tokens=stop_tokens, pad_id=self.tokens.pad, seed=seed,
         on_step=on_step)
+
+
+def image_to_tokens(image: np.ndarray, cfg, vae=None) -> np.ndarray:
+  """[H W 3] in [-1, 1] -> image tokens [h w o] of the generated space (VAE latents or pixels)."""
+  p = cfg.patch
+  if cfg.space == "latent":
+    if vae is None:
+      raise ValueError("image_to_tokens: a latent-space TUNA needs its VAE (vae/ beside the checkpoint)")
+    z = vae.module.apply({"params": vae.params}, jnp.asarray(image)[None, None], method=type(vae.module).encode).mean
+    z = np.asarray(vae.module.apply({"params": vae.params}, z, method=type(vae.module).normalize))[0, 0]
+  else:
+    z = np.asarray(image, np.float32)
+  h, w = z.shape[0] // p, z.shape[1] // p
+  if (h * p, w * p) != z.shape[:2]:
+    raise ValueError(f"image_to_tokens: {z.shape[:2]} is not a multiple of the patch {p}")
+  return rearrange(z, "(h p) (w q) c -> h w (p q c)", p=p, q=p)
+
+
+def tokens_to_image(tokens: np.ndarray, cfg, vae=None) -> np.ndarray:
+  """Image tokens [h w o] -> [H W 3] in [-1, 1] (decoded by the VAE for a latent-space TUNA)."""
+  z = rearrange(np.asarray(tokens), "h w (p q c) -> (h p) (w q) c", p=cfg.patch, q=cfg.patch)
+  if cfg.space == "latent":
+    if vae is None:
+      raise ValueError("tokens_to_image: a latent-space TUNA needs its VAE (vae/ beside the checkpoint)")
+    z = vae.module.apply({"params": vae.params}, jnp.asarray(z)[None, None], method=type(vae.module).denormalize)
+    z = np.asarray(vae.module.apply({"params": vae.params}, z, method=type(vae.module).decode))[0, 0]
+  return np.clip(z, -1.0, 1.0)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+  return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+@dataclasses.dataclass
+class LoadedTuna:
+  sampler: TunaSampler
+  cfg: Any
+  tokenizer: Any
+  vae: Any
+
+  @property
+  def downsample(self) -> int:
+    """Pixels per image token along each side."""
+    return self.cfg.patch * (self.vae.config.scale_factor_spatial if self.cfg.space == "latent" else 1)
+
+  def encode_text(self, text: str) -> list[int]:
+    return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def load(path: str) -> LoadedTuna:
+  """A converted TUNA directory (unimm_jax.load) with its tokenizer and, for latent TUNA, its vae/."""
+  from unimm_jax import api
+  from unimm_jax.convert import tuna as tuna_convert
+  loaded = api.load(path)
+  if loaded.family != "tuna":
+    raise ValueError(f"{path}: a {loaded.family!r} checkpoint, not a TUNA one")
+  if loaded.tokenizer is None:
+    raise ValueError(f"{path}: no tokenizer files beside the TUNA checkpoint")
+  vae = tuna_convert.load_vae(path)
+  if loaded.config.space == "latent" and vae is None:
+    raise ValueError(f"{path}: latent-space TUNA without its VAE directory {path}/vae")
+  sampler = TunaSampler(loaded.module, loaded.params, ts.TunaTokens.from_tokenizer(loaded.tokenizer))
+  return LoadedTuna(sampler, loaded.config, loaded.tokenizer, vae)
