@@ -53,6 +53,15 @@ def build(config: ml_collections.ConfigDict) -> Task:
     out = module.apply({"params": params}, noised)
     return obj.tuna_loss(out, noised, norms, flow, cfg.prediction)
 
+  def load_params(path: str) -> Params:
+    import unimm_jax  # the loader pulls in conversion; only needed when initialising from pretrained
+    loaded = unimm_jax.load(path)
+    if loaded.family != "tuna" or loaded.config != cfg:
+      raise ValueError(f"init_from {path}: checkpoint ({loaded.family}) config {loaded.config} differs from "
+                       f"config.model {cfg}")
+    return loaded.params
+
   return Task(name="tuna", module=module, init_fn=init_fn, loss_fn=loss_fn, normalizers=obj.normalizers,
+              load_params=load_params,
               flops_per_example=train_flops_per_example(cfg, row), tokens_per_example=row,
               images_per_example=int(config.data.get("images_per_row", spans)))

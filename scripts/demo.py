@@ -1,0 +1,124 @@
+"""The embedded default, end to end: train a tiny TUNA on the shapes world, then sample, answer, edit
+and score it with ShapesEval. Everything runs offline on CPU.
+
+  python scripts/demo.py --workdir runs/demo            # `make demo`
+  python scripts/demo.py --workdir runs/demo --config configs/tuna_tiny.py:tiny --config.steps=300
+
+Writes to --workdir: checkpoints/events of the run, export/ (a converted TUNA checkpoint for
+scripts/sample.py, edit.py, chat.py --image), samples.png (prompts under the images), edits.png,
+answers.txt, report.json and report.md. A finished run is resumed, not retrained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import textwrap
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+config_flags.DEFINE_config_file("config", "configs/tuna_tiny.py:tiny", "demo config", lock_config=True)
+flags.DEFINE_string("workdir", "runs/demo", "run directory")
+FLAGS = flags.FLAGS
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle on the left",
+           "a purple square on the right", "a red circle and a blue square", "two green squares",
+           "a cyan triangle at the top"]
+
+
+def labelled_grid(images: list[np.ndarray], labels: list[str], scale: int = 4, width: int = 160) -> Image.Image:
+  """Images side by side, upscaled, each with its wrapped label underneath."""
+  tiles = []
+  for img, label in zip(images, labels):
+    big = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
+    tile = Image.new("RGB", (max(width, big.width), big.height + 36), "white")
+    tile.paste(big, ((tile.width - big.width) // 2, 0))
+    text = "\n".join(textwrap.wrap(label, 26)[:3])
+    ImageDraw.Draw(tile).multiline_text((4, big.height + 2), text, fill="black")
+    tiles.append(tile)
+  grid = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
+  x = 0
+  for t in tiles:
+    grid.paste(t, (x, 0))
+    x += t.width
+  return grid
+
+
+def main(argv):
+  del argv
+  import jax
+
+  from configs import tuna_tiny
+  from unimm_jax.convert import tuna as tuna_convert
+  from unimm_jax.data import shapes_eval
+  from unimm_jax.data.tokenizer import shapes_tokenizer
+  from unimm_jax.models import tuna
+  from unimm_jax.sampling import tuna as tuna_sampling
+  from unimm_jax.training import trainer
+
+  config, workdir = FLAGS.config, FLAGS.workdir
+  t0 = time.perf_counter()
+  state = trainer.train(config, workdir)
+  train_s = time.perf_counter() - t0
+  params = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
+
+  export = os.path.join(workdir, "export")
+  cfg = tuna.TunaConfig.from_dict(config.model.to_dict())
+  with tempfile.TemporaryDirectory() as tok_dir:
+    shapes_tokenizer().save_pretrained(tok_dir)
+    tuna_convert.save(export, cfg, params, tokenizer=tok_dir, overwrite=True)
+  model = tuna_sampling.load(export)
+  sc = config.sample
+  flow = tuna_sampling.FlowSamplerConfig(steps=sc.steps, guidance=sc.guidance, shift=sc.shift)
+  grid = (config.data.image_size // cfg.patch,) * 2
+
+  def generate_fn(prompts):
+    toks = model.sampler.text_to_image([model.encode_text(p) for p in prompts], grid, flow, seed=0)
+    return [tuna_sampling.to_uint8(tuna_sampling.tokens_to_image(t, cfg)) for t in toks]
+
+  def answer_fn(images, questions):
+    toks = [tuna_sampling.image_to_tokens(i.astype(np.float32) / 127.5 - 1.0, cfg) for i in images]
+    out = model.sampler.understand(toks, [model.encode_text(q) for q in questions], max_new_tokens=6,
+                                   stop_tokens=[model.sampler.tokens.eos])
+    return [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.as_lists()]
+
+  def edit_fn(images, instructions):
+    toks = [tuna_sampling.image_to_tokens(i.astype(np.float32) / 127.5 - 1.0, cfg) for i in images]
+    out = model.sampler.edit(toks, [model.encode_text(t) for t in instructions], flow, seed=0)
+    return [tuna_sampling.to_uint8(tuna_sampling.tokens_to_image(t, cfg)) for t in out]
+
+  labelled_grid(generate_fn(PROMPTS), PROMPTS).save(os.path.join(workdir, "samples.png"))
+  t1 = time.perf_counter()
+  report = shapes_eval.evaluate(generate_fn, answer_fn, edit_fn, size=config.data.image_size,
+                                per_category=sc.eval_per_category)
+  ev = shapes_eval.ShapesEval(size=config.data.image_size, seed=report["config"]["seed"], per_category=4)
+  qs = ev.questions[:8]
+  answers = answer_fn(np.stack([q["image"] for q in qs]), [q["question"] for q in qs])
+  with open(os.path.join(workdir, "answers.txt"), "w") as f:
+    f.writelines(f"Q: {q['question']}\nA: {a}  (truth: {q['answer']})\n" for q, a in zip(qs, answers))
+  es = ev.edits[:6]
+  edited = edit_fn(np.stack([e["source"] for e in es]), [e["instruction"] for e in es])
+  labelled_grid([x for e, out in zip(es, edited) for x in (e["source"], out)],
+                [x for e in es for x in ("source", e["instruction"])]).save(os.path.join(workdir, "edits.png"))
+  report["run"] = {"train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
+                   "steps": int(state.step), "skipped_steps": int(state.skipped), "device": str(jax.devices()[0]),
+                   "cores": os.cpu_count()}
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  md = shapes_eval.report_markdown(report) + f"\n\ntrain {train_s:.0f} s, {int(state.step)} steps on {os.cpu_count()} cores\n"
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(md)
+  print(md)
+  logging.info("wrote %s/{samples.png, edits.png, answers.txt, report.json, report.md, export/}", workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
