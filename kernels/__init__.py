@@ -1,6 +1,7 @@
 """Attention kernels (installed as unimm_jax.kernels): one entry point, an XLA reference, Pallas backends."""
 
 from unimm_jax.kernels.attention import attention
+from unimm_jax.kernels.blocks import tile_counts
 from unimm_jax.kernels.reference import attention_mask, attention_reference
 from unimm_jax.kernels.segments import (
     cu_seqlens_from_segment_ids,
@@ -13,5 +14,5 @@ from unimm_jax.kernels.segments import (
 __all__ = [
     "attention", "attention_mask", "attention_reference", "cu_seqlens_from_segment_ids",
     "positions_from_segment_ids", "segment_ids_from_cu_seqlens", "segment_ids_from_lengths",
-    "span_ids_from_spans",
+    "span_ids_from_spans", "tile_counts",
 ]

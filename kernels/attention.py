@@ -12,9 +12,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from unimm_jax.kernels import reference
+from unimm_jax.kernels import pallas, reference
 
-IMPLS = ("auto", "xla", "cudnn")
+IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
 
 
 def attention(
@@ -28,6 +28,9 @@ def attention(
     causal: bool = False,
     sm_scale: float | None = None,
     impl: str = "auto",
+    block_q: int | None = None,
+    block_k: int | None = None,
+    interpret: bool | None = None,
 ) -> jax.Array:
   """Multi-head attention with GQA, packed segments and bidirectional spans.
 
@@ -38,7 +41,11 @@ def attention(
   causal: additionally j <= i, unless span_ids[i] == span_ids[j] != 0 (span_ids [b t], self-attention only).
   Rows that see nothing return zeros. sm_scale defaults to 1/sqrt(e).
   impl: "xla" (reference), "cudnn" (jax.nn.dot_product_attention; no segments or spans),
-  "auto" (the fastest exact backend for the platform).
+  "pallas" (flash attention kernels for the platform: Triton on GPU, Mosaic on TPU, the Triton kernels in
+  interpret mode on CPU), "pallas_gpu" / "pallas_tpu" (those kernels whatever the platform, e.g. to lower
+  for another platform or to interpret on CPU), "auto" (pallas on GPU/TPU, xla on CPU).
+  block_q / block_k: Pallas tile sizes (defaults per target in kernels/pallas.py). interpret: run the
+  Pallas kernels in interpret mode (default: on CPU only). Other impls raise NotImplementedError on them.
   """
   b, t, h, e = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -54,6 +61,15 @@ def attention(
     raise ValueError(f"attention: unknown impl {impl!r}; choose from {IMPLS}")
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(e)
+  platform = jax.default_backend()
+  if impl == "auto":
+    impl = "pallas" if platform in ("gpu", "tpu") else "xla"
+  if impl == "pallas":
+    impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+  if not impl.startswith("pallas"):
+    for name, value in (("block_q", block_q), ("block_k", block_k), ("interpret", interpret)):
+      if value is not None:
+        raise NotImplementedError(f"attention impl={impl!r}: {name} (only the Pallas kernels take it)")
 
   if impl == "cudnn":
     if segment_ids is not None or kv_segment_ids is not None:
@@ -75,6 +91,11 @@ def attention(
         f"must be [b t]={(b, t)} / [b s]={(b, s)}")
   if span_ids is not None and span_ids.shape != (b, t):
     raise ValueError(f"attention: span_ids {span_ids.shape} must be [b t]={(b, t)}")
+  if impl.startswith("pallas"):
+    return pallas.pallas_attention(
+        q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids, causal=causal,
+        sm_scale=sm_scale, target=impl.removeprefix("pallas_"),
+        interpret=platform == "cpu" if interpret is None else interpret, block_q=block_q, block_k=block_k)
   return reference.attention_reference(
       q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids,
       causal=causal, sm_scale=sm_scale)

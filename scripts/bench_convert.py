@@ -78,7 +78,7 @@ def main():
     size = write_random_qwen(src, args.gb)
     baseline_script = os.path.join(tmp, "baseline.py")
     with open(baseline_script, "w") as fh:
-      fh.write("import jax, orbax.checkpoint, transformers\nimport unimm_jax.convert.hf\n")
+      fh.write("import absl.app, absl.flags\nimport unimm_jax.convert.hf\n")  # what convert.py imports
     base, _ = child_peak_rss([baseline_script])
     peak, secs = child_peak_rss(["scripts/convert.py", "--src", src, "--dst", os.path.join(tmp, "out")])
   print(f"| checkpoint | peak RSS | baseline (imports) | peak - baseline | (peak - baseline) / size | time |")

@@ -12,3 +12,8 @@ import jax  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
 jax.config.update("jax_num_cpu_devices", 8)
+
+import sys  # noqa: E402
+
+# configs/ is data, not an installed package: tests import it from the repository root like the scripts do
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -212,3 +212,21 @@ def test_time_shift_matches_the_reference_transport():
   mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (1024 - 256)
   s = 1 - 1 / (1 + np.exp(-np.asarray(u)))
   np.testing.assert_allclose(t, 1 - np.exp(mu) / (np.exp(mu) + (1 / s - 1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["tiny", "2b"])
+def test_every_tuna_param_is_annotated_and_fsdp_leaves_under_2_percent_replicated(variant):
+  import sys
+  sys.path.insert(0, ".")
+  from configs import tuna as tuna_configs
+  from unimm_jax import sharding
+  cfg = tuna_configs.model_config(variant)
+  boxed = jax.eval_shape(tuna.Tuna(cfg).init, jax.random.key(0), tuna.model_inputs(cfg))["params"]
+  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for path, leaf in leaves:
+    assert isinstance(leaf, nn.Partitioned), f"{jax.tree_util.keystr(path)} has no logical names"
+    assert len(leaf.names) == leaf.value.ndim
+    sharding.check_logical_names(leaf.names, jax.tree_util.keystr(path))
+  mesh = jax.make_mesh((1, 8, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  shardings = sharding.logical_shardings(boxed, mesh)
+  assert sharding.replicated_fraction(nn.meta.unbox(boxed), shardings) <= 0.02

@@ -52,5 +52,7 @@ def load(path: str, **config_overrides) -> Loaded:
     params = jax.tree.map(jax.numpy.asarray, params)
   cfg = dataclasses.replace(loop_cfg, **config_overrides)
   if getattr(cfg, "scan_layers", False):
-    params = checkpoint.stack_layers(params, cfg.depth)
-  return Loaded(module=fam.module(cfg), params=params, config=cfg, family=fam.name, tokenizer=_tokenizer(path))
+    params = checkpoint.stack_layers(params, getattr(cfg, "num_layers", cfg.depth))  # built layers (truncated towers)
+  # A vision tower's directory may carry its text tower's tokenizer (SigLIP): not ours to load.
+  tokenizer = _tokenizer(path) if fam.reads_text else None
+  return Loaded(module=fam.module(cfg), params=params, config=cfg, family=fam.name, tokenizer=tokenizer)

@@ -24,8 +24,14 @@ from unimm_jax import checkpoint
 from unimm_jax.convert import engine, sources
 from unimm_jax.convert.errors import ConversionError
 from unimm_jax.convert.maps import qwen as qwen_map
+from unimm_jax.convert.maps import siglip as siglip_map
+from unimm_jax.convert.maps import vae_kl as vae_kl_map
+from unimm_jax.convert.maps import tuna as tuna_map
+from unimm_jax.convert.maps import vae_wan as vae_wan_map
 from unimm_jax.convert.safetensors_writer import save_safetensors
 from unimm_jax.models import qwen
+from unimm_jax.models import siglip
+from unimm_jax.models import tuna, vae_kl, vae_wan
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -45,6 +51,7 @@ class Family:
   ignore: Callable[[Any], tuple]
   key_prefixes: Callable[[str], dict[str, str]]   # source prefix -> rules' prefix, per HF model_type
   hf_config: Callable[[Any], dict[str, Any]]      # our config -> config.json for export
+  reads_text: bool = True                         # load() also loads the tokenizer (not vision towers)
 
 
 def _qwen_hf_config(cfg: qwen.QwenConfig) -> dict[str, Any]:
@@ -60,6 +67,29 @@ def _qwen_hf_config(cfg: qwen.QwenConfig) -> dict[str, Any]:
   }
 
 
+def _siglip_family(version: int) -> Family:
+  """SigLIP (conv stem, bicubic table resize) or SigLIP2 (linear stem, NaFlex): one module, two maps."""
+  name = "siglip" if version == 1 else "siglip2"
+
+  def hf_config(cfg: siglip.SiglipVisionConfig) -> dict[str, Any]:
+    d = {"hidden_size": cfg.embed, "intermediate_size": cfg.mlp, "num_hidden_layers": cfg.depth,
+         "num_attention_heads": cfg.heads, "num_channels": cfg.channels, "patch_size": cfg.patch,
+         "hidden_act": cfg.act, "layer_norm_eps": cfg.norm_eps, "vision_use_head": cfg.use_head,
+         "torch_dtype": cfg.param_dtype}
+    if version == 2:
+      return {"architectures": ["Siglip2VisionModel"], "model_type": "siglip2_vision_model",
+              "num_patches": cfg.posemb_grid ** 2, **d}
+    return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
+            "image_size": cfg.posemb_grid * cfg.patch, **d}
+
+  return Family(
+      name=name, hf_model_types=(f"{name}_vision_model", name), config_cls=siglip.SiglipVisionConfig,
+      config_from_hf=siglip.config_from_hf, module=siglip.VisionTransformer,
+      example_inputs=lambda cfg: (jnp.zeros((1, cfg.patch, cfg.patch, cfg.channels), jnp.float32),),  # 1 patch
+      rules=siglip_map.RULES_SIGLIP if version == 1 else siglip_map.RULES_SIGLIP2, ignore=siglip_map.ignore,
+      key_prefixes=siglip_map.hf_prefix_for, hf_config=hf_config, reads_text=False)
+
+
 FAMILIES: dict[str, Family] = {
     "qwen": Family(
         name="qwen", hf_model_types=("qwen2", "qwen3", "qwen2_5_vl", "qwen2_5_vl_text"),
@@ -67,7 +97,33 @@ FAMILIES: dict[str, Family] = {
         example_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),), rules=qwen_map.RULES,
         ignore=lambda cfg: qwen_map.IGNORE_TIED if cfg.tie_embeddings else qwen_map.IGNORE,
         key_prefixes=qwen_map.hf_prefix_for, hf_config=_qwen_hf_config),
+    "siglip": _siglip_family(1),
+    "siglip2": _siglip_family(2),
+    # diffusers models name their class (`_class_name`) instead of a model_type; see model_type_of.
+    "vae_kl": Family(
+        name="vae_kl", hf_model_types=("AutoencoderKL",), config_cls=vae_kl.AutoencoderKLConfig,
+        config_from_hf=vae_kl.config_from_diffusers, module=vae_kl.AutoencoderKL,
+        example_inputs=lambda cfg: (jnp.zeros((1, cfg.downscale, cfg.downscale, cfg.in_channels)),),
+        rules=vae_kl_map.RULES, ignore=lambda cfg: vae_kl_map.IGNORE, key_prefixes=lambda model_type: {},
+        hf_config=vae_kl.diffusers_config),
+    "vae_wan": Family(  # example: 5 frames, so the streamed (cached) chunk path builds its params too
+        name="vae_wan", hf_model_types=("AutoencoderKLWan",), config_cls=vae_wan.WanVAEConfig,
+        config_from_hf=vae_wan.config_from_diffusers, module=vae_wan.WanVAE,
+        example_inputs=lambda cfg: (jnp.zeros((1, 5, cfg.scale_factor_spatial, cfg.scale_factor_spatial,
+                                               cfg.in_channels // cfg.patch ** 2)),),
+        rules=vae_wan_map.RULES, ignore=lambda cfg: vae_wan_map.IGNORE, key_prefixes=lambda model_type: {},
+        hf_config=vae_wan.diffusers_config),
+    # tuna-2 checkpoints carry no config.json: they are converted by convert/tuna.py, loaded from ours.
+    "tuna": Family(
+        name="tuna", hf_model_types=(), config_cls=tuna.TunaConfig, config_from_hf=None, module=tuna.Tuna,
+        example_inputs=lambda cfg: (tuna.model_inputs(cfg),), rules=tuna_map.RULES_SIGLIP, ignore=tuna_map.ignore,
+        key_prefixes=lambda model_type: {}, hf_config=None),
 }
+
+
+def model_type_of(hf_cfg: Mapping[str, Any]) -> str | None:
+  """config.json's `model_type` (transformers) or `_class_name` (diffusers)."""
+  return hf_cfg.get("model_type") or hf_cfg.get("_class_name")
 
 
 def family_for_model_type(model_type: str | None, where: str) -> Family:
@@ -110,17 +166,20 @@ def _renamed(source: sources.LazyTensors, prefixes: Mapping[str, str]) -> dict[s
   return out
 
 
-def convert_hf(src: str, *, param_dtype: str | None = None, **config_overrides) -> tuple[Family, Any, dict]:
-  """HF model directory -> (family, our config, nested numpy params in loop layout), in memory."""
+def convert_hf(src: str, *, param_dtype: str | None = None, place=None, **config_overrides) -> tuple[Family, Any, dict]:
+  """HF model directory -> (family, our config, nested params in loop layout), in memory.
+
+  Params are numpy arrays, or whatever `place` (e.g. jax.device_put) makes of each one.
+  """
   hf_cfg = _read_hf_config(src)
-  fam = family_for_model_type(hf_cfg.get("model_type"), os.path.join(src, "config.json"))
+  fam = family_for_model_type(model_type_of(hf_cfg), os.path.join(src, "config.json"))
   cfg = fam.config_from_hf(hf_cfg)
   cfg = dataclasses.replace(cfg, param_dtype=param_dtype or _source_dtype(hf_cfg), **config_overrides)
   if getattr(cfg, "scan_layers", False):
     cfg = dataclasses.replace(cfg, scan_layers=False)  # conversion is always in the loop layout
   abstract = engine.flatten(abstract_params(fam, cfg))
-  source = _renamed(sources.open_weights(src), fam.key_prefixes(hf_cfg.get("model_type")))
-  flat = engine.convert(source, fam.rules, abstract, ignore=fam.ignore(cfg), where=src)
+  source = _renamed(sources.open_weights(src), fam.key_prefixes(model_type_of(hf_cfg)))
+  flat = engine.convert(source, fam.rules, abstract, ignore=fam.ignore(cfg), where=src, place=place)
   return fam, cfg, engine.unflatten(flat)
 
 
@@ -129,13 +188,14 @@ def convert_to_orbax(src: str, dst: str, *, param_dtype: str | None = None, over
   if os.path.exists(dst) and not overwrite:
     raise ConversionError(f"{dst}: destination exists (use --overwrite)")
   t0 = time.perf_counter()
-  fam, cfg, params = convert_hf(src, param_dtype=param_dtype)
+  # Device arrays: Orbax writes them without another host copy (peak RSS ~ 1x the checkpoint).
+  fam, cfg, params = convert_hf(src, param_dtype=param_dtype, place=jax.device_put)
   t1 = time.perf_counter()
   meta = {"family": fam.name, "config": cfg.to_dict(), "hf_config": _read_hf_config(src),
           "source": os.path.abspath(src)}
   extra = {n: os.path.join(src, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))}
   checkpoint.save(dst, params, meta, extra_files=extra, overwrite=overwrite)
-  n_bytes = sum(v.nbytes for v in engine.flatten(params).values())
+  n_bytes = sum(int(v.nbytes) for v in engine.flatten(params).values())
   return {"family": fam.name, "tensors": len(engine.flatten(params)), "bytes": n_bytes,
           "convert_s": t1 - t0, "save_s": time.perf_counter() - t1}
 
@@ -151,7 +211,7 @@ def export_to_hf(ckpt: str, dst: str, *, overwrite: bool = False) -> dict:
   flat = {k: np.asarray(v) for k, v in engine.flatten(params).items()}
   tensors = engine.export(flat, fam.rules, where=ckpt)
   hf_cfg = meta.get("hf_config") or fam.hf_config(cfg)
-  back = {new: old for old, new in fam.key_prefixes(hf_cfg.get("model_type")).items()}
+  back = {new: old for old, new in fam.key_prefixes(model_type_of(hf_cfg)).items()}
   tensors = _renamed(sources.LazyTensors({k: (lambda v=v: v) for k, v in tensors.items()}, {}, {}), back)
   tensors = {k: load() for k, load in tensors.items()}
   parent = os.path.dirname(os.path.abspath(dst))

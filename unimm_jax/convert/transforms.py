@@ -17,6 +17,10 @@ class Transform:
   name: str
   forward: Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
   inverse: Callable[[np.ndarray], np.ndarray]
+  # (axis, index, count): the rule reads slice `index` of `count` equal slices of its source tensor
+  # (fused q/k/v). The engine requires the rules matching one source key to cover every slice, and
+  # export concatenates the inverses along `axis`. None: the rule reads the whole tensor.
+  part: tuple[int, int, int] | None = None
 
   @property
   def __name__(self) -> str:
@@ -45,3 +49,35 @@ from_heads = Transform(
 conv2d = Transform("conv2d", lambda x, shape: x.transpose(2, 3, 1, 0), lambda y: y.transpose(3, 2, 0, 1))
 conv3d = Transform(
     "conv3d", lambda x, shape: x.transpose(2, 3, 4, 1, 0), lambda y: y.transpose(4, 3, 0, 1, 2))
+# SigLIP2 / NaViT patch embedding: nn.Linear weight [d, p*p*c] over (py, px, c)-flattened patches
+# -> kernel [p p c d], the HWIO layout of the equivalent stride-p conv.
+patch_linear = Transform(
+    "patch_linear", lambda x, shape: x.T.reshape(shape), lambda y: y.reshape(-1, y.shape[-1]).T)
+
+
+def part(index: int, count: int, then: Transform = identity, axis: int = 0) -> Transform:
+  """Slice `index` of `count` equal slices of the source along `axis`, then `then`.
+
+  For fused projections (torch MultiheadAttention in_proj_weight [3d, d] -> q, k, v): one rule per
+  slice, all matching the same source key.
+  """
+  if not 0 <= index < count:
+    raise ValueError(f"part: index {index} is not in [0, {count})")
+
+  def forward(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if x.shape[axis] % count:
+      raise ValueError(f"axis {axis} of shape {x.shape} does not split into {count} equal parts")
+    return then.forward(np.split(x, count, axis=axis)[index], shape)
+
+  return Transform(f"part({index}/{count})+{then.name}", forward, then.inverse, part=(axis, index, count))
+
+
+def trailing_ones(n: int) -> Transform:
+  """[c, 1, ..., 1] with n trailing ones (Wan RMS_norm gammas, broadcast over t h w) <-> [c]."""
+
+  def forward(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if x.shape[1:] != (1,) * n:
+      raise ValueError(f"expected shape [c{', 1' * n}], got {x.shape}")
+    return x.reshape(shape)
+
+  return Transform(f"trailing_ones({n})", forward, lambda y: y.reshape(*y.shape, *(1,) * n))

@@ -5,9 +5,12 @@ from unimm_jax.layers.embed import Embed
 from unimm_jax.layers.linear import DenseGeneral
 from unimm_jax.layers.mlp import MLP, GatedMLP, activation
 from unimm_jax.layers.norms import LayerNorm, RMSNorm
+from unimm_jax.layers.conv import CausalConv3D, Conv
+from unimm_jax.layers.norms import GroupNorm, L2Norm
 from unimm_jax.layers.rope import apply_rope, inv_frequencies, rope_angles, rope_angles_mrope
 
 __all__ = [
     "Attention", "DenseGeneral", "Embed", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "activation",
     "apply_rope", "inv_frequencies", "rope_angles", "rope_angles_mrope",
+    "CausalConv3D", "Conv", "GroupNorm", "L2Norm",
 ]

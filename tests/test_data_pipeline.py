@@ -1,0 +1,324 @@
+"""Input pipeline: determinism, resumption, sharding, packing, bad data, sources, transforms, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unimm_jax.data import packing, pipeline, shapes, sources, transforms
+from unimm_jax.data.tokenizer import shapes_tokenizer
+
+MIX = {"t2i": 0.5, "edit": 0.2, "mmu": 0.2, "text": 0.1}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return shapes_tokenizer()
+
+
+def _pipe(tokenizer, seed=0, window=16, row_length=160, batch_size=3, **kw):
+  streams = [pipeline.Stream(s, shapes.ShapesSource(s, 300), w) for s, w in MIX.items()]
+  prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 16), ((32, 32),))
+  return pipeline.Pipeline(streams, prepare, row_length=row_length, batch_size=batch_size, seed=seed,
+                           window=window, **kw)
+
+
+def _same(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    if k == "attachments":
+      assert [(r, o) for r, o, _ in a[k]] == [(r, o) for r, o, _ in b[k]]
+      for (_, _, x), (_, _, y) in zip(a[k], b[k]):
+        np.testing.assert_array_equal(x, y)
+    else:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_pipeline_is_deterministic_for_a_seed_and_changes_with_it(tokenizer):
+  a, b, c = (iter(_pipe(tokenizer, seed=s, prefetch_batches=p)) for s, p in ((0, 2), (0, 0), (1, 2)))
+  for _ in range(4):
+    x, y, z = next(a), next(b), next(c)
+    _same(x, y)
+  assert not np.array_equal(x["tokens"], z["tokens"])
+
+
+@pytest.mark.parametrize("prefetch_batches", [0, 2])
+def test_restored_iterator_state_yields_the_same_next_batches_and_counters(tokenizer, prefetch_batches):
+  # small window: states fall mid-window and on window boundaries
+  pipe = _pipe(tokenizer, window=8, prefetch_batches=prefetch_batches)
+  it = iter(pipe)
+  for step in range(7):
+    state = json.loads(json.dumps(it.get_state()))  # checkpoints store it as JSON
+    expected = [next(it) for _ in range(2)]
+    stats = it.stats()
+    fresh = iter(pipe)
+    fresh.set_state(state)
+    for want in expected:
+      _same(next(fresh), want)
+    assert fresh.stats() == stats, step
+
+
+def test_shards_cover_every_record_exactly_once():
+  src = shapes.ShapesSource("t2i", 50)
+  seen = []
+  for k in range(3):
+    ds = pipeline.mixed_records([pipeline.Stream("t2i", src, 1.0)], seed=3, shard_index=k, shard_count=3,
+                                num_epochs=1)
+    seen += [r["id"] for r in ds]
+  assert sorted(seen) == sorted(src[i]["id"] for i in range(50))
+
+
+def test_mixing_follows_the_weights(tokenizer):
+  it = iter(_pipe(tokenizer, batch_size=8))
+  for _ in range(20):
+    next(it)
+  s = it.stats()
+  shares = {k: s[f"samples/{k}"] / s["samples"] for k in MIX}
+  for k, w in MIX.items():
+    assert abs(shares[k] - w) < 0.06, shares
+
+
+def test_batches_have_documented_keys_dtypes_and_static_shapes(tokenizer):
+  it = iter(_pipe(tokenizer, batch_size=2, row_length=96))
+  for _ in range(3):
+    b = next(it)
+    assert {k: (v.shape, v.dtype) for k, v in b.items() if k != "attachments"} == {
+        "tokens": ((2, 96), np.int32), "loss_mask": ((2, 96), np.float32), "segment_ids": ((2, 96), np.int32),
+        "positions": ((2, 96), np.int32), "span_ids": ((2, 96), np.int32)}
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for row, offset, image in b["attachments"]:
+      assert image.shape == (32, 32, 3) and image.dtype == np.float32
+      assert -1.0 <= image.min() and image.max() <= 1.0
+      assert b["tokens"][row, offset] == pad and b["span_ids"][row, offset] > 0
+  stacked = pipeline.stack_attachments(b["attachments"])
+  assert stacked["data"].shape == (len(b["attachments"]), 32, 32, 3)
+
+
+def _random_samples(rng, n, max_len):
+  out = []
+  for i in range(n):
+    length = int(rng.integers(1, max_len + 1))
+    local = np.zeros(length, np.int32)
+    k = int(rng.integers(0, 3)) if length >= 4 else 0
+    atts = []
+    for s in range(1, k + 1):  # spans in disjoint thirds of the sample
+      a = (s - 1) * length // 3
+      local[a : a + 2] = s
+      atts.append((a, np.full((2, 2, 3), i, np.float32)))
+    out.append({"id": str(i), "tokens": np.arange(length, dtype=np.int32) + 1000 * i, "span_local": local,
+                "loss_mask": np.ones(length, np.float32), "attachments": atts})
+  return out
+
+
+@pytest.mark.parametrize("method", packing.METHODS)
+def test_packing_never_splits_a_sample_and_respects_the_row_length(method):
+  rng = np.random.default_rng(0)
+  samples = _random_samples(rng, 60, 40)
+  rows = packing.assign_rows([len(s["tokens"]) for s in samples], 64, method)
+  assert sorted(i for r in rows for i in r) == list(range(60))
+  for r in rows:
+    row = packing.pack_row([samples[i] for i in r], 64)
+    assert sum(len(samples[i]["tokens"]) for i in r) <= 64
+    assert all(v.shape == (64,) for k, v in row.items() if k != "attachments")
+    spans_seen = 0
+    for seg, i in enumerate(r, start=1):
+      where = np.nonzero(row["segment_ids"] == seg)[0]
+      assert np.array_equal(where, np.arange(where[0], where[0] + len(samples[i]["tokens"])))  # contiguous
+      np.testing.assert_array_equal(row["tokens"][where], samples[i]["tokens"])
+      np.testing.assert_array_equal(row["positions"][where], np.arange(len(where)))
+      local = samples[i]["span_local"]
+      ids = row["span_ids"][where]
+      assert np.array_equal(ids > 0, local > 0) and np.all(ids[local > 0] == local[local > 0] + spans_seen)
+      spans_seen += int(local.max(initial=0))
+    assert np.all(row["segment_ids"][row["segment_ids"] == 0] == 0)
+    starts = {seg: int(np.argmax(row["segment_ids"] == seg)) for seg in range(1, len(r) + 1)}
+    got = [(off, int(data[0, 0, 0])) for off, data in row["attachments"]]
+    want = [(starts[seg] + off, i) for seg, i in enumerate(r, start=1) for off, _ in samples[i]["attachments"]]
+    assert got == want  # every attachment moved with its sample
+
+
+def test_best_fit_never_uses_more_rows_than_first_fit_here():
+  lengths = list(np.random.default_rng(1).integers(1, 60, 200))
+  best, first = (len(packing.assign_rows(lengths, 64, m)) for m in ("best_fit", "first_fit"))
+  assert best <= first and best >= -(-sum(lengths) // 64)
+
+
+def test_packer_rejects_samples_whose_arrays_disagree_in_length():
+  bad = {"id": "x", "tokens": np.zeros(5, np.int32), "loss_mask": np.zeros(4, np.float32)}
+  with pytest.raises(ValueError, match="'loss_mask' has shape \\(4,\\), want \\[5\\]"):
+    packing.pack_row([bad], 8)
+
+
+def _png(path, size=(40, 60), color=(200, 10, 10)):
+  Image.new("RGB", size, color).save(path)
+
+
+def test_bad_files_are_skipped_and_counted_never_crash_or_change_shapes(tmp_path, tokenizer):
+  _png(tmp_path / "good.png")
+  _png(tmp_path / "good2.png")
+  data = (tmp_path / "good.png").read_bytes()
+  (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+  (tmp_path / "garbage.png").write_bytes(b"not an image at all")
+  lines = [  # bad ones first: with a window of 2, whole windows hold nothing usable
+      {"image": "missing.png", "caption": "a red square"},
+      {"image": "truncated.png", "caption": "a red square"},
+      {"image": "garbage.png", "caption": "a red square"},
+      {"image": "good.png", "caption": "   "},
+      {"image": "good.png", "caption": " ".join(["red"] * 200)},  # longer than a row
+      {"caption": "no image field"},
+      {"image": "good.png", "caption": "a red square"},
+      {"image": "good2.png", "caption": "a red square at the top"},
+  ]
+  text = "\n".join(json.dumps(x) for x in lines) + "\n{not json\n"
+  (tmp_path / "train.jsonl").write_text(text)
+  src = sources.ManifestSource(tmp_path / "train.jsonl", "t2i")
+  prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 16), ((32, 48),))
+  pad = tokenizer.pad_token_id
+  pipe = pipeline.Pipeline([pipeline.Stream("t2i", src, 1.0)], prepare, row_length=64, batch_size=4, num_epochs=1,
+                           window=2, pad_values={"tokens": pad})
+  it = iter(pipe)
+  batches = list(it)
+  assert len(batches) == 1 and batches[0]["tokens"].shape == (4, 64)
+  padding = batches[0]["segment_ids"] == 0
+  # the good samples fall in different windows: 2 rows of data, 2 empty rows
+  assert not padding[:2].all(axis=1).any() and padding[2:].all() and np.all(batches[0]["tokens"][padding] == pad)
+  assert [a.shape for _, _, a in batches[0]["attachments"]] == [(32, 48, 3)] * 2
+  stats = it.stats()
+  assert stats["samples"] == 2
+  assert {k: v for k, v in stats.items() if k.startswith("skipped/")} == {
+      "skipped/missing_file": 1, "skipped/unreadable_image": 2, "skipped/empty_text": 1,
+      "skipped/too_long": 1, "skipped/bad_record": 2}
+
+
+def test_array_record_round_trips_arrays_bytes_and_paths(tmp_path):
+  recs = [shapes.shapes_record(s, i) for s in ("t2i", "edit", "text") for i in range(3)]
+  recs.append({"id": "b", "stream": "t2i", "images": [b"\x89PNG..."], "text": "t", "answer": "", "meta": ""})
+  recs.append({"id": "p", "stream": "t2i", "images": ["x/y.png"], "text": "t", "answer": "", "meta": ""})
+  assert sources.write_array_record(tmp_path / "d.array_record", recs) == len(recs)
+  src = sources.ArrayRecordSource(tmp_path / "d.array_record")
+  assert len(src) == len(recs)
+  for i, want in enumerate(recs):
+    got = src[i]
+    assert {k: got[k] for k in want if k != "images"} == {k: want[k] for k in want if k != "images"}
+    assert len(got["images"]) == len(want["images"])
+    for x, y in zip(got["images"], want["images"]):
+      assert type(x) is type(y)
+      if isinstance(y, np.ndarray):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+      else:
+        assert x == y
+
+
+def test_unreadable_array_record_entries_are_skipped_and_counted(tmp_path, tokenizer):
+  from array_record.python.array_record_module import ArrayRecordWriter
+
+  writer = ArrayRecordWriter(str(tmp_path / "d.array_record"), "group_size:1")
+  writer.write(sources.encode_record(shapes.shapes_record("t2i", 0)))
+  writer.write(b"\x05\x00\x00\x00{bad")  # a header that is not JSON
+  writer.write(b"\x01")  # too short for a header
+  writer.close()
+  src = sources.ArrayRecordSource(tmp_path / "d.array_record")
+  prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 4), ((32, 32),))
+  it = iter(pipeline.Pipeline([pipeline.Stream("t2i", src, 1.0)], prepare, row_length=64, batch_size=1,
+                              num_epochs=1))
+  assert len(list(it)) == 1
+  assert it.stats()["samples"] == 1 and it.stats()["skipped/bad_record"] == 2
+
+
+def test_manifests_in_reference_layouts_become_canonical_records(tmp_path):
+  rows = {
+      "mmu": {"id": "q1", "image": "a.png", "conversations": [
+          {"from": "human", "value": "<image>\nwhat color is the circle ?"}, {"from": "gpt", "value": "red"}]},
+      "edit": {"source_image": "a.png", "target_image": "b.png", "instruction": "make it blue"},
+      "text": {"text": "plain text"},
+  }
+  for stream, row in rows.items():
+    (tmp_path / f"{stream}.jsonl").write_text(json.dumps(row) + "\n")
+    rec = sources.ManifestSource(tmp_path / f"{stream}.jsonl", stream)[0]
+    assert rec["stream"] == stream
+  mmu = sources.ManifestSource(tmp_path / "mmu.jsonl", "mmu")[0]
+  assert (mmu["id"], mmu["text"], mmu["answer"]) == ("q1", "what color is the circle ?", "red")
+  assert mmu["images"] == [os.path.join(str(tmp_path), "a.png")]
+  edit = sources.ManifestSource(tmp_path / "edit.jsonl", "edit")[0]
+  assert [os.path.basename(p) for p in edit["images"]] == ["a.png", "b.png"]
+
+
+def test_folder_of_images_and_captions_pairs_by_name(tmp_path):
+  _png(tmp_path / "b.png")
+  _png(tmp_path / "a.jpg")
+  (tmp_path / "b.txt").write_text("a red square\n")
+  src = sources.FolderSource(tmp_path)
+  assert [(os.path.basename(r["images"][0]), r["text"]) for r in src] == [("a.jpg", ""), ("b.png", "a red square")]
+
+
+def test_images_load_from_paths_bytes_and_arrays_alike(tmp_path):
+  _png(tmp_path / "a.png", size=(7, 5), color=(1, 2, 3))
+  from_path = transforms.load_image(str(tmp_path / "a.png"))
+  from_bytes = transforms.load_image((tmp_path / "a.png").read_bytes())
+  assert from_path.shape == (5, 7, 3) and from_path.dtype == np.uint8 and (from_path == (1, 2, 3)).all()
+  assert np.array_equal(from_path, from_bytes) and transforms.load_image(from_path) is from_path
+  with pytest.raises(transforms.BadImage, match="bad_image"):
+    transforms.load_image(np.zeros((4, 4), np.uint8))
+
+
+def test_closest_aspect_bucket_and_center_crop():
+  buckets = [(512, 512), (448, 576), (576, 448), (384, 672), (672, 384)]
+  assert transforms.pick_bucket(300, 600, buckets) == (384, 672)
+  assert transforms.pick_bucket(600, 590, buckets) == (512, 512)
+  img = np.zeros((30, 90, 3), np.uint8)
+  img[:, 30:60] = 255  # white middle third survives a centre crop to a square
+  out = transforms.prepare_image(img, [(16, 16), (16, 32)])
+  assert out.shape == (16, 32, 3) and out.dtype == np.float32
+  sq = transforms.prepare_image(img, [(20, 20)])
+  assert sq.shape == (20, 20, 3) and sq[:, 2:-2].min() > 0.99  # only the white third is left
+  flat = transforms.resize(np.full((37, 53, 3), 77, np.uint8), 11, 19)
+  np.testing.assert_allclose(flat, 77, atol=1e-3)  # the filter weights sum to one
+  assert transforms.to_uint8(transforms.normalize(img)).tolist() == img.tolist()
+
+
+def test_shapes_tokenizer_knows_every_shapes_word_and_round_trips(tokenizer):
+  unk = tokenizer.unk_token_id
+  for stream in shapes.STREAMS:
+    for i in range(100):
+      r = shapes.shapes_record(stream, i)
+      for text in (r["text"], r["answer"]):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert unk not in ids, text
+        assert tokenizer.decode(ids) == text
+  assert shapes_tokenizer().get_vocab() == tokenizer.get_vocab()  # same ids on every build
+  chat = tokenizer.apply_chat_template([{"role": "user", "content": "how many objects are there ?"}],
+                                       add_generation_prompt=True, tokenize=False)
+  assert chat == "<|im_start|>user\nhow many objects are there ?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches_and_resume(tokenizer):
+  from absl import flags
+
+  flags.FLAGS.mark_as_parsed()
+  threads, procs = iter(_pipe(tokenizer, window=8)), _pipe(tokenizer, window=8, worker_count=2)
+  it = iter(procs)
+  for _ in range(4):
+    _same(next(it), next(threads))
+  state = json.loads(json.dumps(it.get_state()))
+  want = [next(it) for _ in range(2)]
+  resumed = iter(procs)
+  resumed.set_state(state)
+  for w in want:
+    _same(next(resumed), w)
+
+
+def test_understanding_prompt_can_go_through_the_chat_template(tokenizer):
+  record = shapes.shapes_record("mmu", 0)
+  plain = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 4), ((32, 32),)).example(record)
+  chat = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 4), ((32, 32),), chat_template=True)
+  ex = chat.example(record)
+  ids = tokenizer.convert_tokens_to_ids
+  head, tail = ids(["<|im_start|>", "user", "\n"]), ids(["<|im_end|>", "\n", "<|im_start|>", "assistant", "\n"])
+  assert ex["text_ids"].tolist() == head + plain["text_ids"].tolist() + tail
+  assert tokenizer.decode(plain["text_ids"]) == record["text"]
+  assert tokenizer.decode(ex["answer_ids"]) == record["answer"]

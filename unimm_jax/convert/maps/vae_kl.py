@@ -1,0 +1,61 @@
+"""diffusers AutoencoderKL -> unimm_jax.models.vae_kl."""
+
+from unimm_jax.convert import transforms as T
+
+RULES = (
+    # Convolutions: OIHW -> HWIO; biases as they are.
+    (r"(encoder|decoder)\.(conv_in|conv_out)\.weight", r"\1/\2/kernel", T.conv2d),
+    (r"(encoder|decoder)\.(conv_in|conv_out)\.bias", r"\1/\2/bias", T.identity),
+    (r"(quant_conv|post_quant_conv)\.weight", r"\1/kernel", T.conv2d),
+    (r"(quant_conv|post_quant_conv)\.bias", r"\1/bias", T.identity),
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(conv1|conv2|conv_shortcut)\.weight",
+     r"encoder/down_blocks_\1/resnets_\2/\3/kernel", T.conv2d),
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(conv1|conv2|conv_shortcut)\.bias",
+     r"encoder/down_blocks_\1/resnets_\2/\3/bias", T.identity),
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(conv1|conv2|conv_shortcut)\.weight",
+     r"decoder/up_blocks_\1/resnets_\2/\3/kernel", T.conv2d),
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(conv1|conv2|conv_shortcut)\.bias",
+     r"decoder/up_blocks_\1/resnets_\2/\3/bias", T.identity),
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(conv1|conv2)\.weight",
+     r"\1/mid_block/resnets_\2/\3/kernel", T.conv2d),
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(conv1|conv2)\.bias",
+     r"\1/mid_block/resnets_\2/\3/bias", T.identity),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.weight",
+     r"encoder/down_blocks_\1/downsamplers_0/conv/kernel", T.conv2d),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.bias",
+     r"encoder/down_blocks_\1/downsamplers_0/conv/bias", T.identity),
+    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.weight", r"decoder/up_blocks_\1/upsamplers_0/conv/kernel",
+     T.conv2d),
+    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.bias", r"decoder/up_blocks_\1/upsamplers_0/conv/bias",
+     T.identity),
+    # GroupNorms: weight -> scale.
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(norm1|norm2)\.weight",
+     r"encoder/down_blocks_\1/resnets_\2/\3/scale", T.identity),
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(norm1|norm2)\.bias",
+     r"encoder/down_blocks_\1/resnets_\2/\3/bias", T.identity),
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(norm1|norm2)\.weight",
+     r"decoder/up_blocks_\1/resnets_\2/\3/scale", T.identity),
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(norm1|norm2)\.bias",
+     r"decoder/up_blocks_\1/resnets_\2/\3/bias", T.identity),
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(norm1|norm2)\.weight",
+     r"\1/mid_block/resnets_\2/\3/scale", T.identity),
+    (r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(norm1|norm2)\.bias",
+     r"\1/mid_block/resnets_\2/\3/bias", T.identity),
+    (r"(encoder|decoder)\.conv_norm_out\.weight", r"\1/conv_norm_out/scale", T.identity),
+    (r"(encoder|decoder)\.conv_norm_out\.bias", r"\1/conv_norm_out/bias", T.identity),
+    # Mid-block attention: group_norm, Linear q/k/v/out -> one-head DenseGeneral kernels.
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.weight",
+     r"\1/mid_block/attentions_0/group_norm/scale", T.identity),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.bias",
+     r"\1/mid_block/attentions_0/group_norm/bias", T.identity),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_([qkv])\.weight",
+     r"\1/mid_block/attentions_0/attn/\2_proj/kernel", T.to_heads),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_([qkv])\.bias",
+     r"\1/mid_block/attentions_0/attn/\2_proj/bias", T.to_heads),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.weight",
+     r"\1/mid_block/attentions_0/attn/o_proj/kernel", T.from_heads),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.bias",
+     r"\1/mid_block/attentions_0/attn/o_proj/bias", T.identity),
+)
+# Nothing to ignore: every tensor of a diffusers AutoencoderKL state dict has a rule.
+IGNORE = ()

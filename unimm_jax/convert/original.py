@@ -1,0 +1,47 @@
+"""Original-release checkpoints that ship as a bare state dict (no config.json) -> our Orbax checkpoints.
+
+Wan 2.2 VAE: `Wan2.2_VAE.pth` (Wan-AI/Wan2.2-TI2V-5B; the file TUNA loads) in the naming of
+Wan-Video/Wan2.2 wan/modules/vae2_2.py, read through the same engine with `maps.vae_wan.original_rules`.
+The architecture is not in the file, so it comes from a `vae_wan` preset or config.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from unimm_jax import checkpoint
+from unimm_jax.convert import engine, hf, sources
+from unimm_jax.convert.errors import ConversionError
+from unimm_jax.convert.maps import vae_wan as vae_wan_map
+from unimm_jax.models import vae_wan
+
+
+def convert_wan_vae(src: str, cfg: vae_wan.WanVAEConfig) -> dict:
+  """Original Wan 2.2 VAE state dict (.pth / .safetensors) -> nested numpy params for `cfg`."""
+  if not cfg.is_residual:
+    raise ConversionError(f"{src}: the original Wan 2.1 VAE naming is not mapped (only Wan 2.2); "
+                          "convert its diffusers folder instead")
+  fam = hf.FAMILIES["vae_wan"]
+  abstract = engine.flatten(hf.abstract_params(fam, cfg))
+  flat = engine.convert(sources.open_weights(src), vae_wan_map.original_rules(cfg.num_res_blocks), abstract,
+                        where=src)
+  return engine.unflatten(flat)
+
+
+def convert_wan_vae_to_orbax(src: str, dst: str, cfg: vae_wan.WanVAEConfig | None = None, *,
+                             overwrite: bool = False) -> dict[str, Any]:
+  """Original Wan 2.2 VAE file -> converted directory that `unimm_jax.load` opens (default preset: wan2.2)."""
+  if os.path.exists(dst) and not overwrite:
+    raise ConversionError(f"{dst}: destination exists (use --overwrite)")
+  cfg = cfg or vae_wan.preset("wan2.2")
+  t0 = time.perf_counter()
+  params = convert_wan_vae(src, cfg)
+  t1 = time.perf_counter()
+  meta = {"family": "vae_wan", "config": cfg.to_dict(), "hf_config": vae_wan.diffusers_config(cfg),
+          "source": os.path.abspath(src)}
+  checkpoint.save(dst, params, meta, overwrite=overwrite)
+  flat = engine.flatten(params)
+  return {"family": "vae_wan", "tensors": len(flat), "bytes": sum(v.nbytes for v in flat.values()),
+          "convert_s": t1 - t0, "save_s": time.perf_counter() - t1}
