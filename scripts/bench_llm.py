@@ -28,6 +28,9 @@ SIZES = {
     # ~101M parameters: 32k vocab (untied) dominates, as in small Qwen models
     "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
                  num_attention_heads=12, num_key_value_heads=4),
+    # ~100M too, but deep and narrow like the small Qwen2.5 models (0.5B: 24 layers of 896)
+    "100m_deep": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=24,
+                      num_attention_heads=8, num_key_value_heads=2),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2),
 }
@@ -45,12 +48,13 @@ def best_of(fn, repeats: int) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tiny", action="store_true", help="tiny config and lengths (smoke test)")
+  parser.add_argument("--size", choices=[s for s in SIZES if s != "tiny"], default="100m")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--prompt_len", type=int, default=512)
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
-  size = "tiny" if args.tiny else "100m"
+  size = "tiny" if args.tiny else args.size
   if args.tiny:
     args.prompt_len, args.new_tokens, args.repeats = 32, 8, 1
   torch.set_num_threads(os.cpu_count() or 1)

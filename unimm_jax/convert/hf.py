@@ -136,8 +136,10 @@ def family_for_model_type(model_type: str | None, where: str) -> Family:
 
 def abstract_params(fam: Family, cfg: Any) -> dict:
   """Nested ShapeDtypeStructs of the model's params, without allocating them."""
-  boxed = jax.eval_shape(fam.module(cfg).init, jax.random.key(0), *fam.example_inputs(cfg))
-  return nn.meta.unbox(boxed)["params"]
+  boxed = jax.eval_shape(fam.module(cfg).init, jax.random.key(0), *fam.example_inputs(cfg))["params"]
+  # `.value`, not nn.meta.unbox: unboxing applies a sharding constraint, which fails on abstract
+  # values inside jax.set_mesh
+  return jax.tree.map(lambda b: b.value, boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def _read_hf_config(src: str) -> dict[str, Any]:

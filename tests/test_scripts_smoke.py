@@ -1,0 +1,34 @@
+"""Smoke tests of the remaining entry points on tiny settings: LLM and conversion benchmarks, the demo."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=600):
+  r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r.stdout
+
+
+def test_bench_llm_prints_the_table_with_ratios():
+  out = run("scripts/bench_llm.py", "--tiny")
+  assert "| prefill ms" in out and "| decode tokens/s" in out and out.count("x |") == 3
+
+
+def test_bench_convert_reports_peak_rss_against_checkpoint_size():
+  out = run("scripts/bench_convert.py", "--gb", "0.05")
+  row = out.strip().splitlines()[-1]
+  assert row.startswith("| 0.0") and "x (peak / size" in row
+
+
+def test_demo_runs_end_to_end_on_the_smoke_config(tmp_path):
+  run("scripts/demo.py", "--workdir", str(tmp_path), "--config", "configs/tuna_tiny.py:smoke",
+      "--config.sample.eval_per_category=1", "--config.sample.steps=2")
+  report = json.load(open(tmp_path / "report.json"))
+  assert set(report) >= {"generation", "understanding", "editing", "chance", "run"}
+  for name in ("samples.png", "edits.png", "answers.txt", "report.md", "export/unimm_config.json"):
+    assert os.path.exists(tmp_path / name), name
