@@ -16,7 +16,7 @@ from unimm_jax.models import qwen, tuna
 from unimm_jax.models.tuna_head import TunaHeadConfig
 
 VARIANTS = {
-    # embed, depth: sized so `make demo` trains in about 12 minutes on 2 cores
+    # embed, depth, steps: sized for `make demo` on 2 cores (1038 s measured on a shared machine)
     "tiny": dict(embed=128, depth=4, steps=1200, batch_size=8),
     "smoke": dict(embed=64, depth=1, steps=4, batch_size=2),   # the test of scripts/demo.py
 }
