@@ -15,6 +15,7 @@ import ml_collections
 from configs import common
 from unimm_jax.models import qwen, siglip, tuna
 from unimm_jax.models.tuna_head import TunaHeadConfig
+from unimm_jax.training import tuna_objective as obj
 
 QWEN2_5_1_5B = dict(vocab=151936, embed=1536, mlp=8960, depth=28, heads=12, kv_heads=2, head_dim=128,
                     tie_embeddings=True, rope_theta=1e6)
@@ -58,8 +59,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c = common.train_defaults()
   c.task = "tuna"
   c.model = ml_collections.ConfigDict(model_config(arg).to_dict())
-  c.flow = ml_collections.ConfigDict(dict(flow_weight=1.0, ntp_weight=0.2, shift_seq_len=1024, base_shift=0.5,
-                                          max_shift=1.15))
+  # TUNA: lognorm t shifted for 1024 tokens; TUNA-2 (x0 in pixel space): JiT's t and velocity-weighted loss
+  flow = obj.FlowConfig.tuna2() if v["prediction"] == "x0" else obj.FlowConfig()
+  c.flow = ml_collections.ConfigDict(dataclasses.asdict(dataclasses.replace(flow, ntp_weight=0.2)))
   c.data = ml_collections.ConfigDict(dict(name="shapes_tuna", seq_len=v["seq_len"], max_spans=v["max_spans"],
                                           images_per_row=1, seed=0, weights=dict(t2i=0.5, edit=0.2, mmu=0.2, text=0.1)))
   c.batch_size = v["batch_size"]

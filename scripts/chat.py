@@ -38,23 +38,16 @@ def encode(tokenizer, prompt: str, system: str | None) -> list[int]:
 
 
 def ask_tuna() -> None:
-  import numpy as np
-  from PIL import Image
-
   from unimm_jax.sampling import tuna as tuna_sampling
   model = tuna_sampling.load(FLAGS.ckpt)
-  d = model.downsample
-  img = Image.open(FLAGS.image).convert("RGB")
-  img = img.resize(tuple(max(d, round(s / d) * d) for s in img.size), Image.BICUBIC)
-  tokens = tuna_sampling.image_to_tokens(np.asarray(img, np.float32) / 127.5 - 1.0, model.cfg, model.vae)
+  img = model.read_image(FLAGS.image)
   bar = tqdm(total=FLAGS.max_new_tokens, desc="decode", unit="tok", file=sys.stderr)
-  out = model.sampler.understand(
-      [tokens] * len(FLAGS.prompt), [model.encode_text(p) for p in FLAGS.prompt],
-      max_new_tokens=FLAGS.max_new_tokens, sampler=SamplerConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p),
-      stop_tokens=[model.sampler.tokens.eos], seed=FLAGS.seed, on_step=lambda step: bar.update(1))
+  answers = model.answer([img] * len(FLAGS.prompt), FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+                         sampler=SamplerConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p), seed=FLAGS.seed,
+                         on_step=lambda step: bar.update(1))
   bar.close()
-  for prompt, ids in zip(FLAGS.prompt, out.as_lists()):
-    print(f"> {prompt}\n{model.tokenizer.decode(ids, skip_special_tokens=True)}\n")
+  for prompt, answer in zip(FLAGS.prompt, answers):
+    print(f"> {prompt}\n{answer}\n")
 
 
 def main(argv):

@@ -2,6 +2,8 @@
 
   python scripts/convert.py --src HF_DIR --dst OUT_DIR [--param_dtype bfloat16] [--overwrite]
   python scripts/convert.py --export --src OUT_DIR --dst HF_DIR
+  # an original Wan VAE release file (no config.json): the architecture comes from a preset
+  python scripts/convert.py --wan_vae wan2.1 --src Wan2.1_VAE.pth --dst OUT_DIR     # or wan2.2 + Wan2.2_VAE.pth
   # TUNA: a tuna-2 reference checkpoint (model.safetensors / .pt with its parameter names)
   python scripts/convert.py --tuna 2b --src tuna.safetensors --tokenizer QWEN_DIR --dst OUT_DIR
   # TUNA stage 1 from pretrained parts (Qwen2.5 HF dir, SigLIP HF dir, Wan 2.2 VAE dir or .pth)
@@ -31,6 +33,7 @@ flags.DEFINE_string("tuna", None, "TUNA variant of configs/tuna.py (tiny, 2b, 7b
 flags.DEFINE_string("tokenizer", None, "TUNA: directory whose tokenizer files are copied (default: --llm)")
 flags.DEFINE_string("llm", None, "TUNA from parts: Qwen2.5 HF directory")
 flags.DEFINE_string("siglip", None, "TUNA from parts: SigLIP / SigLIP2 HF directory")
+flags.DEFINE_string("wan_vae", None, "preset (wan2.1, wan2.2, tuna) of an original Wan VAE .pth given as --src")
 flags.DEFINE_string("vae", None, "TUNA: Wan 2.2 VAE (diffusers directory, or the original Wan2.2_VAE.pth)")
 
 
@@ -57,7 +60,7 @@ def convert_tuna() -> dict:
     else:  # the original Wan2.2_VAE.pth
       abstract = engine.flatten(hf.abstract_params(hf.FAMILIES["vae_wan"], vae_cfg))
       vae_params = engine.unflatten(engine.convert(
-          sources.open_weights(FLAGS.vae), vae_wan_map.original_rules(vae_cfg.num_res_blocks), abstract, where=FLAGS.vae))
+          sources.open_weights(FLAGS.vae), vae_wan_map.original_rules(vae_cfg), abstract, where=FLAGS.vae))
   if cfg.space == "latent" and vae_params is None:
     raise app.UsageError(f"TUNA {FLAGS.tuna} generates VAE latents: pass --vae (or weights that include vae.*)")
   tuna_convert.save(FLAGS.dst, cfg, params, vae_cfg=vae_cfg, vae_params=vae_params,
@@ -72,6 +75,14 @@ def main(argv):
       report = convert_tuna()
     elif not FLAGS.src:
       raise app.UsageError("--src is required")
+    elif FLAGS.wan_vae:
+      from unimm_jax.convert import original
+      from unimm_jax.models import vae_wan
+      try:
+        cfg = vae_wan.preset(FLAGS.wan_vae)
+      except ValueError as e:
+        raise app.UsageError(f"--wan_vae: {e}") from None
+      report = original.convert_wan_vae_to_orbax(FLAGS.src, FLAGS.dst, cfg, overwrite=FLAGS.overwrite)
     elif FLAGS.export:
       report = hf.export_to_hf(FLAGS.src, FLAGS.dst, overwrite=FLAGS.overwrite)
     else:

@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle on the left",
            "a purple square on the right", "a red circle and a blue square", "two green squares",
-           "a cyan triangle at the top"]
+           "an orange triangle at the top"]
 
 
 def labelled_grid(images: list[np.ndarray], labels: list[str], scale: int = 4, width: int = 160) -> Image.Image:
@@ -56,7 +56,7 @@ def main(argv):
   del argv
   import jax
 
-  from configs import tuna_tiny
+  from scripts import eval_shapes
   from unimm_jax.convert import tuna as tuna_convert
   from unimm_jax.data import shapes_eval
   from unimm_jax.data.tokenizer import shapes_tokenizer
@@ -78,22 +78,7 @@ def main(argv):
   model = tuna_sampling.load(export)
   sc = config.sample
   flow = tuna_sampling.FlowSamplerConfig(steps=sc.steps, guidance=sc.guidance, shift=sc.shift)
-  grid = (config.data.image_size // cfg.patch,) * 2
-
-  def generate_fn(prompts):
-    toks = model.sampler.text_to_image([model.encode_text(p) for p in prompts], grid, flow, seed=0)
-    return [tuna_sampling.to_uint8(tuna_sampling.tokens_to_image(t, cfg)) for t in toks]
-
-  def answer_fn(images, questions):
-    toks = [tuna_sampling.image_to_tokens(i.astype(np.float32) / 127.5 - 1.0, cfg) for i in images]
-    out = model.sampler.understand(toks, [model.encode_text(q) for q in questions], max_new_tokens=6,
-                                   stop_tokens=[model.sampler.tokens.eos])
-    return [model.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.as_lists()]
-
-  def edit_fn(images, instructions):
-    toks = [tuna_sampling.image_to_tokens(i.astype(np.float32) / 127.5 - 1.0, cfg) for i in images]
-    out = model.sampler.edit(toks, [model.encode_text(t) for t in instructions], flow, seed=0)
-    return [tuna_sampling.to_uint8(tuna_sampling.tokens_to_image(t, cfg)) for t in out]
+  generate_fn, answer_fn, edit_fn = eval_shapes.tuna_fns(model, flow, config.data.image_size)
 
   labelled_grid(generate_fn(PROMPTS), PROMPTS).save(os.path.join(workdir, "samples.png"))
   t1 = time.perf_counter()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import numpy as np
 from absl import app, flags
 from PIL import Image
 
@@ -27,29 +26,18 @@ flags.DEFINE_integer("seed", 0, "noise seed")
 flags.DEFINE_string("out", "edited.png", "output PNG")
 
 
-def load_image(path: str, downsample: int) -> np.ndarray:
-  try:
-    img = Image.open(path).convert("RGB")
-  except OSError as e:
-    raise app.UsageError(f"--image {path}: cannot read it: {e}") from None
-  w, h = (max(downsample, round(s / downsample) * downsample) for s in img.size)
-  img = img.resize((w, h), Image.BICUBIC)
-  return np.asarray(img, np.float32) / 127.5 - 1.0
-
-
 def main(argv):
   del argv
   try:
     model = tuna_sampling.load(FLAGS.ckpt)
+    src = model.read_image(FLAGS.image)
   except (ValueError, OSError) as e:
     print(f"edit: error: {e}", file=sys.stderr)
     sys.exit(2)
-  src = tuna_sampling.image_to_tokens(load_image(FLAGS.image, model.downsample), model.cfg, model.vae)
   cfg = tuna_sampling.FlowSamplerConfig(steps=FLAGS.steps, shift=FLAGS.shift, guidance=FLAGS.guidance,
                                         image_guidance=FLAGS.image_guidance)
-  out = model.sampler.edit([src], [model.encode_text(FLAGS.instruction)], cfg,
-                           negative=model.encode_text(FLAGS.negative), seed=FLAGS.seed, progress=True)
-  Image.fromarray(tuna_sampling.to_uint8(tuna_sampling.tokens_to_image(out[0], model.cfg, model.vae))).save(FLAGS.out)
+  out = model.edit([src], [FLAGS.instruction], cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True)
+  Image.fromarray(out[0]).save(FLAGS.out)
   print(FLAGS.out)
 
 

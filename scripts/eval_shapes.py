@@ -4,6 +4,9 @@
       writes the evaluation set: DIR/generation.jsonl {id, category, prompt}, DIR/questions.jsonl
       {id, qa_type, question, image} + DIR/questions/<id>.png, DIR/edits.jsonl {id, op, instruction, image}
       + DIR/edits/<id>.png.
+  python scripts/eval_shapes.py --ckpt DIR [--steps 20 --guidance 3 --shift 3] [same flags] [--out REPORT_DIR]
+      runs a converted TUNA checkpoint (scripts/convert.py, or a demo's export/) on the whole set and scores it
+      (default report folder: DIR/shapes_eval).
   python scripts/eval_shapes.py --results DIR [same flags] [--out REPORT_DIR]
       scores what the model wrote: DIR/generation/<id>.png, DIR/answers.jsonl {id, answer},
       DIR/edited/<id>.png (parts without outputs are skipped; a missing file inside a part scores wrong)
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -69,6 +73,28 @@ def score_folder(ev: shapes_eval.ShapesEval, folder: str) -> dict[str, Any]:
   return report
 
 
+def tuna_fns(model, flow, size: int) -> tuple[Callable, Callable, Callable]:
+  """generate_fn, answer_fn, edit_fn of `shapes_eval.evaluate` for a loaded TUNA (sampling.tuna.load)."""
+  def generate_fn(prompts):
+    return model.generate(prompts, (size, size), flow)
+
+  def answer_fn(images, questions):
+    return model.answer(images, questions, max_new_tokens=8)
+
+  def edit_fn(images, instructions):
+    return model.edit(images, instructions, flow)
+
+  return generate_fn, answer_fn, edit_fn
+
+
+def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict[str, Any]:
+  from unimm_jax.sampling import tuna as tuna_sampling
+  model = tuna_sampling.load(path)
+  flow = tuna_sampling.FlowSamplerConfig(steps=args.steps, guidance=args.guidance, shift=args.shift)
+  return shapes_eval.evaluate(*tuna_fns(model, flow, args.size), size=args.size, seed=args.seed,
+                              per_category=args.per_category)
+
+
 def write_report(report: dict[str, Any], out_dir: str) -> None:
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "shapes_eval.json"), "w") as f:
@@ -82,10 +108,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
   mode = p.add_mutually_exclusive_group(required=True)
   mode.add_argument("--write-set", metavar="DIR", help="write the evaluation set for a model to answer")
   mode.add_argument("--results", metavar="DIR", help="score a folder of model outputs")
+  mode.add_argument("--ckpt", metavar="DIR", help="run and score a converted TUNA checkpoint")
   p.add_argument("--out", help="report folder (default: the results folder)")
   p.add_argument("--size", type=int, default=32)
   p.add_argument("--seed", type=int, default=1_000_003)
   p.add_argument("--per-category", type=int, default=50)
+  p.add_argument("--steps", type=int, default=20, help="--ckpt: time grid points")
+  p.add_argument("--guidance", type=float, default=3.0, help="--ckpt: classifier-free guidance (1 = off)")
+  p.add_argument("--shift", type=float, default=3.0, help="--ckpt: time-grid warp")
   args = p.parse_args(argv)
   ev = shapes_eval.ShapesEval(size=args.size, seed=args.seed, per_category=args.per_category)
   if args.write_set:
@@ -93,8 +123,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     print(f"wrote {len(ev.generation)} prompts, {len(ev.questions)} questions, {len(ev.edits)} edits "
           f"to {args.write_set}")
     return None
-  report = score_folder(ev, args.results)
-  write_report(report, args.out or args.results)
+  if args.ckpt:
+    try:
+      report = evaluate_checkpoint(args.ckpt, args)
+    except (ValueError, OSError) as e:
+      p.exit(2, f"eval_shapes: error: {e}\n")
+    write_report(report, args.out or os.path.join(args.ckpt, "shapes_eval"))
+  else:
+    report = score_folder(ev, args.results)
+    write_report(report, args.out or args.results)
   print(shapes_eval.report_markdown(report))
   return report
 

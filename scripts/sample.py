@@ -28,15 +28,16 @@ flags.DEFINE_string("out", "samples", "output directory")
 
 
 def parse_size(size: str | None, downsample: int) -> tuple[int, int]:
+  """--size in pixels (default: 32 image tokens a side)."""
   if size is None:
-    return 32, 32
+    return 32 * downsample, 32 * downsample
   try:
     h, w = (int(v) for v in size.lower().split("x"))
   except ValueError:
     raise app.UsageError(f"--size {size!r}: expected HxW, e.g. 512x512") from None
   if h % downsample or w % downsample:
     raise app.UsageError(f"--size {size}: must be a multiple of {downsample} pixels (one image token)")
-  return h // downsample, w // downsample
+  return h, w
 
 
 def main(argv):
@@ -46,12 +47,10 @@ def main(argv):
   except (ValueError, OSError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)
-  grid = parse_size(FLAGS.size, model.downsample)
+  size = parse_size(FLAGS.size, model.downsample)
   cfg = tuna_sampling.FlowSamplerConfig(steps=FLAGS.steps, shift=FLAGS.shift, guidance=FLAGS.guidance)
-  tokens = model.sampler.text_to_image([model.encode_text(p) for p in FLAGS.prompt], grid, cfg,
-                                       negative=model.encode_text(FLAGS.negative), seed=FLAGS.seed, progress=True)
+  images = model.generate(FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True)
   os.makedirs(FLAGS.out, exist_ok=True)
-  images = [tuna_sampling.to_uint8(tuna_sampling.tokens_to_image(t, model.cfg, model.vae)) for t in tokens]
   for i, (prompt, img) in enumerate(zip(FLAGS.prompt, images)):
     path = os.path.join(FLAGS.out, f"{i:03d}.png")
     Image.fromarray(img).save(path)

@@ -36,3 +36,11 @@ def test_demo_runs_end_to_end_on_the_smoke_config(tmp_path):
   assert set(report) >= {"generation", "understanding", "editing", "chance", "run"}
   for name in ("samples.png", "edits.png", "answers.txt", "report.md", "export/unimm_config.json"):
     assert os.path.exists(tmp_path / name), name
+  # any converted checkpoint, here the demo's export, is scored by scripts/eval_shapes.py --ckpt
+  out = run("scripts/eval_shapes.py", "--ckpt", str(tmp_path / "export"), "--per-category", "1", "--steps", "2",
+            "--out", str(tmp_path / "ev"))
+  scored = json.load(open(tmp_path / "ev" / "shapes_eval.json"))
+  assert set(scored) >= {"generation", "understanding", "editing"} and "| generation |" in out
+  bad = subprocess.run([sys.executable, "scripts/eval_shapes.py", "--ckpt", str(tmp_path / "nowhere")], cwd=ROOT,
+                       capture_output=True, text=True)
+  assert bad.returncode == 2 and "nowhere" in bad.stderr, bad.stderr[-2000:]

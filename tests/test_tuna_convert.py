@@ -46,7 +46,7 @@ def _reference_checkpoint(tmp_path):
             if not k.removeprefix("vision_model.").startswith(("post_layernorm", "head", "encoder.layers.2."))}
   vae_cfg, vae_params = vae_tiny.convert(vae_ref, "vae_wan")[:2]
   original = engine.export(engine.flatten(jax.tree.map(np.asarray, vae_params)),
-                           vae_wan_map.original_rules(vae_cfg.num_res_blocks))
+                           vae_wan_map.original_rules(vae_cfg))
   state |= {"vae.model." + k: v for k, v in original.items()}
   path = str(tmp_path / "tuna_ref.safetensors")
   save_safetensors(path, {k: np.ascontiguousarray(v) for k, v in state.items()})

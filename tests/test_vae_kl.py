@@ -3,6 +3,7 @@
 import functools
 import json
 
+import diffusers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,27 @@ def test_diffusers_folder_loads_directly_and_after_conversion(tmp_path):
   hf.convert_to_orbax(str(tmp_path / "hf"), str(tmp_path / "ours"))
   loaded = unimm_jax.load(str(tmp_path / "ours"))
   np.testing.assert_allclose(loaded.module.apply({"params": loaded.params}, x), want, atol=ATOL, rtol=0)
+
+
+def test_legacy_attention_names_load_and_export_reloads_in_diffusers(tmp_path):
+  from safetensors.torch import load_file, save_file
+  ref = autoencoder_kl()
+  ref.save_pretrained(tmp_path / "hf")
+  weights = tmp_path / "hf" / hf.DIFFUSERS_WEIGHTS
+  legacy = {k.replace("to_q.", "query.").replace("to_k.", "key.").replace("to_v.", "value.")
+             .replace("to_out.0.", "proj_attn."): v for k, v in load_file(weights).items()}
+  assert any(".proj_attn." in k for k in legacy)
+  save_file(legacy, weights)                    # a pre-0.14 diffusers checkpoint
+  x = picture(16, 16)
+  with torch.no_grad():
+    want = nhwc(ref(nchw(x)).sample)
+  hf.convert_to_orbax(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  loaded = unimm_jax.load(str(tmp_path / "ours"))
+  np.testing.assert_allclose(loaded.module.apply({"params": loaded.params}, x), want, atol=ATOL, rtol=0)
+  hf.export_to_hf(str(tmp_path / "ours"), str(tmp_path / "back"))   # written under the current names
+  back = diffusers.AutoencoderKL.from_pretrained(tmp_path / "back")
+  for k, v in ref.state_dict().items():
+    torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
 
 
 def test_unsupported_block_type_and_unmapped_key_are_named(tmp_path):

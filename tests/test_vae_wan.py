@@ -3,8 +3,12 @@ spatial, 4x temporal; 2.2 adds the 2x2 patchify and residual blocks). Videos hav
 runs the first frame and one cached 4-frame chunk, and decode runs two cached latent frames."""
 
 import functools
+import os
 import re
+import subprocess
+import sys
 
+import diffusers
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,13 +18,14 @@ import torch
 
 import unimm_jax
 from unimm_jax import sharding
-from unimm_jax.convert import engine, original
+from unimm_jax.convert import engine, hf, original
 from unimm_jax.convert.errors import ConversionError
 from unimm_jax.convert.maps import vae_wan as wan_map
 from unimm_jax.models import vae_wan
 
 from vae_tiny import autoencoder_wan, convert, nchw, nhwc, picture
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-4
 
 
@@ -94,20 +99,39 @@ def _to_original_naming(key: str, num_res_blocks: int) -> str:
                 rf"decoder.upsamples.\1.upsamples.{num_res_blocks + 1}.", key)
 
 
-def test_original_wan22_pth_converts_loads_and_matches_diffusers(tmp_path):
-  ref = autoencoder_wan("2.2")
-  state = {_to_original_naming(k, 1): v for k, v in ref.state_dict().items()}
-  assert "encoder.downsamples.0.downsamples.1.resample.1.weight" in state and "conv2.weight" in state
-  torch.save(state, tmp_path / "Wan2.2_VAE.pth")
+def _to_original_naming_21(key: str, num_res_blocks: int) -> str:
+  """diffusers -> original Wan 2.1 key: the inverse of convert_wan_to_diffusers.py::convert_vae, whose
+  decoder regrouping (flat entries 0-2 -> up_blocks.0.resnets.0-2, 3 -> up_blocks.0.upsamplers.0, 4-6 ->
+  up_blocks.1 ...) is k * (num_res_blocks + 2) + j for its 2 resnets a block."""
+  per = num_res_blocks + 2
+  key = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+               lambda m: f"decoder.upsamples.{int(m[1]) * per + int(m[2])}.", key)
+  key = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+               lambda m: f"decoder.upsamples.{int(m[1]) * per + num_res_blocks + 1}.", key)
+  key = _to_original_naming(key, num_res_blocks)    # the renames shared with 2.2
+  return key.replace("encoder.down_blocks.", "encoder.downsamples.")   # 2.1 keeps the encoder's flat indices
+
+
+@pytest.mark.parametrize("version, num_res_blocks, key", [
+    ("2.2", 1, "encoder.downsamples.0.downsamples.1.resample.1.weight"),
+    ("2.1", 2, "decoder.upsamples.7.resample.1.weight"),   # decoder block 1's upsampler, flat entry 1 * 4 + 3
+])
+def test_original_pth_converts_loads_and_matches_diffusers(tmp_path, version, num_res_blocks, key):
+  ref = autoencoder_wan(version, num_res_blocks=num_res_blocks)
+  rename = _to_original_naming if version == "2.2" else _to_original_naming_21
+  state = {rename(k, num_res_blocks): v for k, v in ref.state_dict().items()}
+  assert key in state and "conv2.weight" in state
+  path = tmp_path / f"Wan{version}_VAE.pth"
+  torch.save(state, path)
   cfg = vae_wan.config_from_diffusers(dict(ref.config))
-  original.convert_wan_vae_to_orbax(str(tmp_path / "Wan2.2_VAE.pth"), str(tmp_path / "ours"), cfg)
+  original.convert_wan_vae_to_orbax(str(path), str(tmp_path / "ours"), cfg)
   loaded = unimm_jax.load(str(tmp_path / "ours"))
   assert loaded.family == "vae_wan" and loaded.config == cfg
   x = np.random.default_rng(0).uniform(-1, 1, (1, 5, 32, 32, 3)).astype(np.float32)
   _check_parity(ref, loaded.config, loaded.params, x)
   # The table runs backwards: export gives the original keys and tensors again.
   back = engine.export({k: np.asarray(v) for k, v in engine.flatten(loaded.params).items()},
-                       wan_map.original_rules(cfg.num_res_blocks))
+                       wan_map.original_rules(cfg))
   assert set(back) == set(state)
   np.testing.assert_array_equal(back["decoder.middle.1.norm.gamma"], state["decoder.middle.1.norm.gamma"].numpy())
 
@@ -121,6 +145,11 @@ def test_original_pth_with_a_wrong_tensor_is_refused_with_its_name(tmp_path):
   with pytest.raises(ConversionError) as err:
     original.convert_wan_vae(str(tmp_path / "bad.pth"), vae_wan.config_from_diffusers(dict(ref.config)))
   assert "encoder.extra.weight" in str(err.value) and "decoder.head.0.gamma" in str(err.value)
+  # The command line: a file of another size than the preset is refused, naming a tensor and both shapes,
+  # and nothing is written.
+  r = subprocess.run([sys.executable, "scripts/convert.py", "--wan_vae", "wan2.2", "--src", str(tmp_path / "bad.pth"),
+                      "--dst", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and "decoder.head.2.weight" in r.stderr and not (tmp_path / "out").exists(), r.stderr[-2000:]
 
 
 def test_diffusers_folder_loads_through_class_name(tmp_path):
@@ -130,6 +159,11 @@ def test_diffusers_folder_loads_through_class_name(tmp_path):
   assert loaded.family == "vae_wan" and not loaded.config.is_residual
   x = np.random.default_rng(0).uniform(-1, 1, (1, 5, 32, 32, 3)).astype(np.float32)
   _check_parity(ref, loaded.config, loaded.params, x)
+  hf.convert_to_orbax(str(tmp_path / "hf"), str(tmp_path / "ours"))
+  hf.export_to_hf(str(tmp_path / "ours"), str(tmp_path / "back"))   # a folder diffusers opens as it is
+  back = diffusers.AutoencoderKLWan.from_pretrained(tmp_path / "back")
+  for k, v in ref.state_dict().items():
+    torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
 
 
 @pytest.mark.slow

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +39,8 @@ TOKENIZER_FILES = (
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"   # the name diffusers' from_pretrained looks for
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -52,6 +55,8 @@ class Family:
   key_prefixes: Callable[[str], dict[str, str]]   # source prefix -> rules' prefix, per HF model_type
   hf_config: Callable[[Any], dict[str, Any]]      # our config -> config.json for export
   reads_text: bool = True                         # load() also loads the tokenizer (not vision towers)
+  weights_file: str = "model.safetensors"         # what export writes (diffusers: diffusion_pytorch_model)
+  legacy_keys: tuple[tuple[str, str], ...] = ()   # (regex, replacement) renames of older releases, import only
 
 
 def _qwen_hf_config(cfg: qwen.QwenConfig) -> dict[str, Any]:
@@ -105,14 +110,14 @@ FAMILIES: dict[str, Family] = {
         config_from_hf=vae_kl.config_from_diffusers, module=vae_kl.AutoencoderKL,
         example_inputs=lambda cfg: (jnp.zeros((1, cfg.downscale, cfg.downscale, cfg.in_channels)),),
         rules=vae_kl_map.RULES, ignore=lambda cfg: vae_kl_map.IGNORE, key_prefixes=lambda model_type: {},
-        hf_config=vae_kl.diffusers_config),
+        hf_config=vae_kl.diffusers_config, weights_file=DIFFUSERS_WEIGHTS, legacy_keys=vae_kl_map.LEGACY),
     "vae_wan": Family(  # example: 5 frames, so the streamed (cached) chunk path builds its params too
         name="vae_wan", hf_model_types=("AutoencoderKLWan",), config_cls=vae_wan.WanVAEConfig,
         config_from_hf=vae_wan.config_from_diffusers, module=vae_wan.WanVAE,
         example_inputs=lambda cfg: (jnp.zeros((1, 5, cfg.scale_factor_spatial, cfg.scale_factor_spatial,
                                                cfg.in_channels // cfg.patch ** 2)),),
         rules=vae_wan_map.RULES, ignore=lambda cfg: vae_wan_map.IGNORE, key_prefixes=lambda model_type: {},
-        hf_config=vae_wan.diffusers_config),
+        hf_config=vae_wan.diffusers_config, weights_file=DIFFUSERS_WEIGHTS),
     # tuna-2 checkpoints carry no config.json: they are converted by convert/tuna.py, loaded from ours.
     "tuna": Family(
         name="tuna", hf_model_types=(), config_cls=tuna.TunaConfig, config_from_hf=None, module=tuna.Tuna,
@@ -155,7 +160,8 @@ def _source_dtype(hf_cfg: Mapping[str, Any]) -> str:
   return {"float16": "float16", "bfloat16": "bfloat16"}.get(str(dtype).removeprefix("torch."), "float32")
 
 
-def _renamed(source: sources.LazyTensors, prefixes: Mapping[str, str]) -> dict[str, Callable]:
+def _renamed(source: sources.LazyTensors, prefixes: Mapping[str, str],
+             legacy: Sequence[tuple[str, str]] = ()) -> dict[str, Callable]:
   out = {}
   for key in source:
     for old, new in prefixes.items():
@@ -164,6 +170,8 @@ def _renamed(source: sources.LazyTensors, prefixes: Mapping[str, str]) -> dict[s
         break
     else:
       key_new = key
+    for pattern, repl in legacy:
+      key_new = re.sub(pattern, repl, key_new)
     out[key_new] = source[key]
   return out
 
@@ -180,7 +188,7 @@ def convert_hf(src: str, *, param_dtype: str | None = None, place=None, **config
   if getattr(cfg, "scan_layers", False):
     cfg = dataclasses.replace(cfg, scan_layers=False)  # conversion is always in the loop layout
   abstract = engine.flatten(abstract_params(fam, cfg))
-  source = _renamed(sources.open_weights(src), fam.key_prefixes(model_type_of(hf_cfg)))
+  source = _renamed(sources.open_weights(src), fam.key_prefixes(model_type_of(hf_cfg)), fam.legacy_keys)
   flat = engine.convert(source, fam.rules, abstract, ignore=fam.ignore(cfg), where=src, place=place)
   return fam, cfg, engine.unflatten(flat)
 
@@ -203,7 +211,7 @@ def convert_to_orbax(src: str, dst: str, *, param_dtype: str | None = None, over
 
 
 def export_to_hf(ckpt: str, dst: str, *, overwrite: bool = False) -> dict:
-  """Converted directory -> HF directory (model.safetensors + config.json + tokenizer files)."""
+  """Converted directory -> HF directory (the family's weights file + config.json + tokenizer files)."""
   if os.path.exists(dst) and not overwrite:
     raise ConversionError(f"{dst}: destination exists (use --overwrite)")
   meta = checkpoint.read_meta(ckpt)
@@ -220,7 +228,7 @@ def export_to_hf(ckpt: str, dst: str, *, overwrite: bool = False) -> dict:
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
   try:
-    save_safetensors(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})
+    save_safetensors(os.path.join(tmp, fam.weights_file), tensors, {"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_cfg, f, indent=1)
     for n in TOKENIZER_FILES:

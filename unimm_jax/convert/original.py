@@ -1,7 +1,8 @@
 """Original-release checkpoints that ship as a bare state dict (no config.json) -> our Orbax checkpoints.
 
-Wan 2.2 VAE: `Wan2.2_VAE.pth` (Wan-AI/Wan2.2-TI2V-5B; the file TUNA loads) in the naming of
-Wan-Video/Wan2.2 wan/modules/vae2_2.py, read through the same engine with `maps.vae_wan.original_rules`.
+Wan VAE: `Wan2.2_VAE.pth` (Wan-AI/Wan2.2-TI2V-5B; the file TUNA loads) in the naming of
+Wan-Video/Wan2.2 wan/modules/vae2_2.py, and `Wan2.1_VAE.pth` (Wan-AI/Wan2.1-*) in that of
+Wan-Video/Wan2.1 wan/modules/vae.py, read through the same engine with `maps.vae_wan.original_rules`.
 The architecture is not in the file, so it comes from a `vae_wan` preset or config.
 """
 
@@ -19,20 +20,18 @@ from unimm_jax.models import vae_wan
 
 
 def convert_wan_vae(src: str, cfg: vae_wan.WanVAEConfig) -> dict:
-  """Original Wan 2.2 VAE state dict (.pth / .safetensors) -> nested numpy params for `cfg`."""
-  if not cfg.is_residual:
-    raise ConversionError(f"{src}: the original Wan 2.1 VAE naming is not mapped (only Wan 2.2); "
-                          "convert its diffusers folder instead")
+  """Original Wan 2.1 / 2.2 VAE state dict (.pth / .safetensors) -> nested numpy params for `cfg`."""
   fam = hf.FAMILIES["vae_wan"]
   abstract = engine.flatten(hf.abstract_params(fam, cfg))
-  flat = engine.convert(sources.open_weights(src), vae_wan_map.original_rules(cfg.num_res_blocks), abstract,
+  flat = engine.convert(sources.open_weights(src), vae_wan_map.original_rules(cfg), abstract,
                         where=src)
   return engine.unflatten(flat)
 
 
 def convert_wan_vae_to_orbax(src: str, dst: str, cfg: vae_wan.WanVAEConfig | None = None, *,
                              overwrite: bool = False) -> dict[str, Any]:
-  """Original Wan 2.2 VAE file -> converted directory that `unimm_jax.load` opens (default preset: wan2.2)."""
+  """Original Wan VAE file -> converted directory that `unimm_jax.load` opens (default preset: wan2.2;
+  pass `vae_wan.preset("wan2.1")` for `Wan2.1_VAE.pth`)."""
   if os.path.exists(dst) and not overwrite:
     raise ConversionError(f"{dst}: destination exists (use --overwrite)")
   cfg = cfg or vae_wan.preset("wan2.2")

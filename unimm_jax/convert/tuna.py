@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import tempfile
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from unimm_jax import checkpoint
@@ -48,7 +46,7 @@ def convert_reference(weights: str, cfg: tuna.TunaConfig, vae_cfg: vae_wan.WanVA
     vae_cfg = vae_cfg or vae_wan.preset("tuna")
     vae_abstract = engine.flatten(hf.abstract_params(hf.FAMILIES["vae_wan"], vae_cfg))
     vae_params = engine.unflatten(engine.convert(
-        vae_keys, vae_wan_map.original_rules(vae_cfg.num_res_blocks), vae_abstract, where=f"{weights} (vae.*)",
+        vae_keys, vae_wan_map.original_rules(vae_cfg), vae_abstract, where=f"{weights} (vae.*)",
         place=place))
   return cfg, engine.unflatten(params), vae_params
 

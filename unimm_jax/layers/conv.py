@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 default_kernel_init = nn.initializers.lecun_normal()
 
@@ -43,24 +44,53 @@ class Conv(nn.Module):
         (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
     padding = list(self.padding if self.padding is not None
                    else [((k - 1) // 2, k // 2) for k in self.kernel_size])
-    if self.causal:
-      kt = self.kernel_size[0]
-      padding[0] = (kt - 1, 0)
-      if context is not None:
-        if context.shape[1] != kt - 1:
-          raise ValueError(f"{self.name}: context has {context.shape[1]} frames, kernel needs {kt - 1}")
-        x, padding[0] = jnp.concatenate([context.astype(x.dtype), x], axis=1), (0, 0)
-    elif context is not None:
+    strides = tuple(self.strides or (1,) * nd)
+    if context is not None and not self.causal:
       raise ValueError(f"{self.name}: context is only meaningful for a causal conv")
-    dims = "DHW"[3 - nd:]
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype), window_strides=tuple(self.strides or (1,) * nd),
-        padding=[tuple(p) for p in padding], dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"))
+    if self.causal and context is not None and context.shape[1] != self.kernel_size[0] - 1:
+      raise ValueError(f"{self.name}: context has {context.shape[1]} frames, kernel needs {self.kernel_size[0] - 1}")
+    if self.causal and nd == 3 and strides[0] == 1:
+      y = _causal_taps(x.astype(self.dtype), kernel.astype(self.dtype), context, padding[1:], strides[1:])
+    else:
+      if self.causal:
+        padding[0] = (self.kernel_size[0] - 1, 0)
+        if context is not None:
+          x, padding[0] = jnp.concatenate([context.astype(x.dtype), x], axis=1), (0, 0)
+      y = _conv(x.astype(self.dtype), kernel.astype(self.dtype), padding, strides)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
                         (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def _conv(x: jax.Array, kernel: jax.Array, padding, strides) -> jax.Array:
+  dims = "DHW"[3 - (x.ndim - 2):]
+  return jax.lax.conv_general_dilated(x, kernel, window_strides=strides, padding=[tuple(p) for p in padding],
+                                      dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"))
+
+
+def _causal_taps(x: jax.Array, kernel: jax.Array, context: jax.Array | None, padding, strides) -> jax.Array:
+  """Causal video conv [b t h w c] as a sum over time taps of 2D convs over frames.
+
+  Why not one 3D conv: XLA:CPU runs 2D convolutions several times faster than 3D ones, and without
+  `context` (zeros before the first frame) each tap skips the frames that would only read zeros, so a
+  1-frame image costs one 2D conv instead of a 3D conv over two frames of padding.
+  """
+  kt, t = kernel.shape[0], x.shape[1]
+  stream = x if context is None else jnp.concatenate([context.astype(x.dtype), x], axis=1)
+  y = None
+  for k in range(kt):
+    skip = kt - 1 - k if context is None else 0       # leading output frames whose input is padding
+    if skip >= t:
+      continue
+    start = k if context is not None else 0
+    frames = stream[:, start:start + t - skip]
+    out = _conv(rearrange(frames, "b t h w c -> (b t) h w c"), kernel[k], padding, strides)
+    out = rearrange(out, "(b t) h w c -> b t h w c", b=x.shape[0])
+    out = jnp.pad(out, ((0, 0), (skip, 0), (0, 0), (0, 0), (0, 0)))
+    y = out if y is None else y + out
+  return y
 
 
 class CausalConv3D(Conv):

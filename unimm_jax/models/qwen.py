@@ -20,12 +20,13 @@ import jax.numpy as jnp
 
 from unimm_jax.layers import Attention, DenseGeneral, Embed, GatedMLP, RMSNorm, apply_rope
 from unimm_jax.layers import rope_angles, rope_angles_mrope
+from unimm_jax.models.config import DictConfig
 
 MODEL_TYPES = ("qwen2", "qwen3", "qwen2_5_vl_text")
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenConfig:
+class QwenConfig(DictConfig):
   vocab: int
   embed: int
   mlp: int
@@ -55,20 +56,6 @@ class QwenConfig:
       raise ValueError(f"QwenConfig: heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"QwenConfig.remat {self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "QwenConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-      raise ValueError(f"QwenConfig: unknown fields {sorted(unknown)}")
-    d = dict(d)
-    if d.get("mrope_sections") is not None:
-      d["mrope_sections"] = tuple(d["mrope_sections"])
-    return cls(**d)
 
   def num_params(self) -> int:
     attn = self.embed * self.head_dim * (2 * self.heads + 2 * self.kv_heads)

@@ -33,6 +33,7 @@ from einops import rearrange
 
 from unimm_jax import kernels
 from unimm_jax.layers import MLP, Attention, DenseGeneral, LayerNorm
+from unimm_jax.models.config import DictConfig
 from unimm_jax.models.qwen import REMAT_POLICIES
 
 MODEL_TYPES = ("siglip_vision_model", "siglip", "siglip2_vision_model", "siglip2")
@@ -40,7 +41,7 @@ POSEMB_RESIZE = ("bicubic", "bilinear_antialias")
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipVisionConfig:
+class SiglipVisionConfig(DictConfig):
   embed: int = 768
   mlp: int = 3072
   depth: int = 12
@@ -84,16 +85,6 @@ class SiglipVisionConfig:
     if self.feature_layer is None:
       return self.depth
     return self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "SiglipVisionConfig":
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"SiglipVisionConfig: unknown fields {sorted(unknown)}")
-    return cls(**d)
 
   @classmethod
   def so400m(cls, patch: int = 14, image_size: int = 384, **kw) -> "SiglipVisionConfig":

@@ -34,6 +34,7 @@ from einops import rearrange
 from unimm_jax.layers import DenseGeneral, RMSNorm
 from unimm_jax.layers.modulation import TimestepEmbedder
 from unimm_jax.models import qwen, siglip
+from unimm_jax.models.config import DictConfig
 from unimm_jax.models.tuna_head import FinalLayer, ModulatedBlock, TunaHeadConfig, gather_spans, tuna_rope_fn
 
 ENCODERS = ("siglip", "patch")
@@ -52,7 +53,7 @@ BATCH_KEYS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TunaConfig:
+class TunaConfig(DictConfig):
   llm: qwen.QwenConfig
   head: TunaHeadConfig
   encoder: str = "siglip"                            # siglip (TUNA, TUNA-R) | patch (TUNA-2)
@@ -81,18 +82,13 @@ class TunaConfig:
   def token_features(self) -> int:
     return self.patch * self.patch * self.channels
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "TunaConfig":
     d = dict(d)
     d["llm"] = qwen.QwenConfig.from_dict(d["llm"])
-    head = dict(d["head"])
-    head["text_rope_llama3"] = tuple(head["text_rope_llama3"])
-    d["head"] = TunaHeadConfig(**head)
+    d["head"] = TunaHeadConfig.from_dict(d["head"])
     d["siglip"] = siglip.SiglipVisionConfig.from_dict(d["siglip"]) if d.get("siglip") else None
-    return cls(**d)
+    return super().from_dict(d)
 
 
 @flax.struct.dataclass

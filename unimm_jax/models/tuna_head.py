@@ -23,10 +23,11 @@ import jax.numpy as jnp
 from unimm_jax.layers import Attention, DenseGeneral, GatedMLP, RMSNorm, apply_rope
 from unimm_jax.layers.modulation import AdaLNModulation, modulate
 from unimm_jax.layers.rope import llama3_inv_frequencies, rope_angles_thw
+from unimm_jax.models.config import DictConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class TunaHeadConfig:
+class TunaHeadConfig(DictConfig):
   embed: int
   mlp: int
   depth: int

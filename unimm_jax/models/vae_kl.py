@@ -22,12 +22,13 @@ from einops import rearrange
 
 from unimm_jax.layers import Attention, Conv, GroupNorm
 from unimm_jax.models import tiling
+from unimm_jax.models.config import DictConfig
 
 ACT = ("act_batch", "act_height", "act_width", "act_channels")
 
 
 @dataclasses.dataclass(frozen=True)
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(DictConfig):
   """Fields and defaults of diffusers' AutoencoderKL config (only DownEncoderBlock2D / UpDecoderBlock2D, silu)."""
 
   in_channels: int = 3
@@ -56,20 +57,6 @@ class AutoencoderKLConfig:
   @property
   def downscale(self) -> int:
     return 2 ** (len(self.block_out_channels) - 1)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "AutoencoderKLConfig":
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"AutoencoderKLConfig: unknown fields {sorted(unknown)}")
-    d = dict(d)
-    for k in ("block_out_channels", "latents_mean", "latents_std"):
-      if d.get(k) is not None:
-        d[k] = tuple(d[k])
-    return cls(**d)
 
 
 PRESETS = {

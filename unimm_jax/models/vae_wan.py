@@ -25,6 +25,7 @@ from einops import rearrange, repeat
 from unimm_jax import kernels
 from unimm_jax.layers import CausalConv3D, Conv, L2Norm
 from unimm_jax.models import tiling
+from unimm_jax.models.config import DictConfig
 from unimm_jax.models.vae_kl import DiagonalGaussian
 
 ACT = ("act_batch", "act_frames", "act_height", "act_width", "act_channels")
@@ -46,7 +47,7 @@ WAN22_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.499, 0.4818, 0.5013, 0.81
 
 
 @dataclasses.dataclass(frozen=True)
-class WanVAEConfig:
+class WanVAEConfig(DictConfig):
   """Fields and defaults of diffusers' AutoencoderKLWan config (Wan 2.1), plus runtime choices."""
 
   base_dim: int = 96
@@ -81,20 +82,6 @@ class WanVAEConfig:
   @property
   def patch(self) -> int:
     return self.patch_size or 1
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "WanVAEConfig":
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"WanVAEConfig: unknown fields {sorted(unknown)}")
-    d = dict(d)
-    for k in ("dim_mult", "temperal_downsample", "latents_mean", "latents_std"):
-      if k in d:
-        d[k] = tuple(d[k])
-    return cls(**d)
 
 
 PRESETS = {

@@ -214,6 +214,50 @@ class LoadedTuna:
   def encode_text(self, text: str) -> list[int]:
     return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+  # uint8 RGB images [H W 3] in and out: what scripts and evaluators (ShapesEval) exchange.
+  def read_image(self, path: str) -> np.ndarray:
+    """An image file as uint8 RGB, resized to the nearest multiple of `downsample` pixels."""
+    from PIL import Image
+    d = self.downsample
+    try:
+      with Image.open(path) as im:
+        img = im.convert("RGB")
+    except OSError as e:
+      raise ValueError(f"{path}: cannot read the image: {e}") from None
+    return np.asarray(img.resize(tuple(max(d, round(s / d) * d) for s in img.size), Image.BICUBIC))
+
+  def to_tokens(self, image: np.ndarray) -> np.ndarray:
+    return image_to_tokens(np.asarray(image, np.float32) / 127.5 - 1.0, self.cfg, self.vae)
+
+  def to_image(self, tokens: np.ndarray) -> np.ndarray:
+    return to_uint8(tokens_to_image(tokens, self.cfg, self.vae))
+
+  def generate(self, prompts: Sequence[str], size: tuple[int, int], cfg: FlowSamplerConfig, *, negative: str = "",
+               seed: int = 0, progress: bool = False) -> list[np.ndarray]:
+    """Prompts -> uint8 images of `size` = (H, W) pixels, a multiple of `downsample`."""
+    d = self.downsample
+    if size[0] % d or size[1] % d:
+      raise ValueError(f"generate: size {size} is not a multiple of {d} pixels (one image token)")
+    toks = self.sampler.text_to_image([self.encode_text(p) for p in prompts], (size[0] // d, size[1] // d), cfg,
+                                      negative=self.encode_text(negative), seed=seed, progress=progress)
+    return [self.to_image(t) for t in toks]
+
+  def edit(self, images: Sequence[np.ndarray], instructions: Sequence[str], cfg: FlowSamplerConfig, *,
+           negative: str = "", seed: int = 0, progress: bool = False) -> list[np.ndarray]:
+    """uint8 source images + instructions -> edited uint8 images."""
+    toks = self.sampler.edit([self.to_tokens(i) for i in images], [self.encode_text(t) for t in instructions], cfg,
+                             negative=self.encode_text(negative), seed=seed, progress=progress)
+    return [self.to_image(t) for t in toks]
+
+  def answer(self, images: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int = 32,
+             sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
+             on_step: Callable[[Any], None] | None = None) -> list[str]:
+    """uint8 images + questions (raw text, no chat template) -> decoded answers."""
+    out = self.sampler.understand([self.to_tokens(i) for i in images], [self.encode_text(q) for q in questions],
+                                  max_new_tokens=max_new_tokens, sampler=sampler,
+                                  stop_tokens=[self.sampler.tokens.eos], seed=seed, on_step=on_step)
+    return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.as_lists()]
+
 
 def load(path: str) -> LoadedTuna:
   """A converted TUNA directory (unimm_jax.load) with its tokenizer and, for latent TUNA, its vae/."""

@@ -5,6 +5,9 @@ misc.py (next_token_prediction, velocity_prediction), tuna.py (loss weights).
   x_t = t * x1 + (1 - t) * x0,  x0 ~ N(0, I);  velocity target x1 - x0 (x0-prediction: x1)
   t = sigmoid(u), u ~ N(0, 1), then shifted: 1 - t <- e^mu / (e^mu + 1 / (1 - t) - 1), mu = lin(seq_len)
   loss = flow_weight * mean over flow-masked (token, value) elements + ntp_weight * CE(ignore -100)
+TUNA-2 (pixel space, x0-prediction) trains the JiT way instead (tuna/models/jit_utils.py): u ~ N(-0.8, 0.8),
+no shift, and the x0 error weighted by 1 / max(1 - t, 0.05)^2, which is the velocity error of the
+prediction v = (x0_hat - x_t) / (1 - t); `FlowConfig.tuna2()` sets that.
 Deviation, on purpose: a batch with no flow token (understanding only) has flow loss 0 (denominator
 clamped to 1), not the reference's NaN mean of nothing.
 """
@@ -17,10 +20,9 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-
-from unimm_jax.models.tuna import TunaOutput
 import optax
 
+from unimm_jax.models.tuna import TunaOutput
 from unimm_jax.training.lm import next_token_targets
 
 
@@ -31,6 +33,19 @@ class FlowConfig:
   shift_seq_len: int | None = 1024   # None: no time shift
   base_shift: float = 0.5
   max_shift: float = 1.15
+  t_mean: float = 0.0                # t = sigmoid(N(t_mean, t_std^2)) before the shift
+  t_std: float = 1.0
+  x0_weighting: str = "none"         # x0-prediction: "none" (plain x0 MSE) or "velocity" (JiT, TUNA-2)
+  t_eps: float = 0.05                # "velocity": 1 - t is clamped here
+
+  def __post_init__(self):
+    if self.x0_weighting not in ("none", "velocity"):
+      raise ValueError(f"FlowConfig.x0_weighting must be 'none' or 'velocity', got {self.x0_weighting!r}")
+
+  @classmethod
+  def tuna2(cls, **overrides) -> FlowConfig:
+    """TUNA-2's pixel-space JiT objective."""
+    return cls(**{**dict(shift_seq_len=None, t_mean=-0.8, t_std=0.8, x0_weighting="velocity"), **overrides})
 
 
 def shift_mu(seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
@@ -39,7 +54,7 @@ def shift_mu(seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> 
 
 
 def sample_t(rng: jax.Array, shape: tuple[int, ...], cfg: FlowConfig) -> jax.Array:
-  t = jax.nn.sigmoid(jax.random.normal(rng, shape))
+  t = jax.nn.sigmoid(cfg.t_mean + cfg.t_std * jax.random.normal(rng, shape))
   if cfg.shift_seq_len is not None:
     mu = shift_mu(cfg.shift_seq_len, cfg.base_shift, cfg.max_shift)
     s = 1 - t
@@ -48,7 +63,8 @@ def sample_t(rng: jax.Array, shape: tuple[int, ...], cfg: FlowConfig) -> jax.Arr
 
 
 def noise_batch(batch: Mapping[str, jax.Array], rng: jax.Array, cfg: FlowConfig) -> dict[str, jax.Array]:
-  """Adds span_t [b n], x_t [b t o] and the flow target to a batch holding clean x1 (data.tuna_sequences.to_batch)."""
+  """Adds span_t [b n], x_t [b t o], each token's t [b t] and the velocity target to a batch holding clean x1
+  (data.tuna_sequences.to_batch)."""
   t_key, noise_key = jax.random.split(rng)
   span_t = jnp.where(batch["span_clean"], 1.0, sample_t(t_key, batch["span_clean"].shape, cfg))
   idx = jnp.clip(batch["span_ids"] - 1, 0, span_t.shape[1] - 1)
@@ -57,7 +73,7 @@ def noise_batch(batch: Mapping[str, jax.Array], rng: jax.Array, cfg: FlowConfig)
   x0 = jax.random.normal(noise_key, x1.shape, x1.dtype)
   image = ((batch["span_ids"] > 0) & ~batch["time_slot"])[..., None]
   x_t = jnp.where(image, t_tok * x1 + (1 - t_tok) * x0, 0.0)
-  return {**batch, "span_t": span_t, "x_t": x_t, "velocity": x1 - x0}
+  return {**batch, "span_t": span_t, "x_t": x_t, "t": t_tok[..., 0], "velocity": x1 - x0}
 
 
 def normalizers(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -77,6 +93,8 @@ def tuna_loss(out: TunaOutput, batch: Mapping[str, jax.Array], norms: Mapping[st
   target = batch["velocity"] if prediction == "velocity" else batch["x1"]
   mask = batch["flow_mask"][..., None]
   sq = jnp.where(mask, jnp.square(out.prediction.astype(jnp.float32) - target.astype(jnp.float32)), 0.0)
+  if prediction == "x0" and cfg.x0_weighting == "velocity":
+    sq = sq / jnp.square(jnp.maximum(1.0 - batch["t"], cfg.t_eps))[..., None]
   flow = jnp.sum(sq) / norms["flow"]
   targets, valid = next_token_targets(batch)
   ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], targets)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from unimm_jax.models import tuna

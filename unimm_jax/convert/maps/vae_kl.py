@@ -57,5 +57,13 @@ RULES = (
     (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.bias",
      r"\1/mid_block/attentions_0/attn/o_proj/bias", T.identity),
 )
+# Checkpoints saved before diffusers 0.14 name the mid-block attention query/key/value/proj_attn; diffusers
+# renames them on load (`_convert_deprecated_attention_blocks`), and so do we.
+LEGACY = (
+    (r"(mid_block\.attentions\.0)\.query\.", r"\1.to_q."),
+    (r"(mid_block\.attentions\.0)\.key\.", r"\1.to_k."),
+    (r"(mid_block\.attentions\.0)\.value\.", r"\1.to_v."),
+    (r"(mid_block\.attentions\.0)\.proj_attn\.", r"\1.to_out.0."),
+)
 # Nothing to ignore: every tensor of a diffusers AutoencoderKL state dict has a rule.
 IGNORE = ()

@@ -1,10 +1,11 @@
 """Wan VAE -> unimm_jax.models.vae_wan: diffusers AutoencoderKLWan naming (RULES) and the original
-Wan 2.2 release naming of `Wan2.2_VAE.pth` (`original_rules`, Wan-Video/Wan2.2 wan/modules/vae2_2.py).
+release naming of `Wan2.1_VAE.pth` / `Wan2.2_VAE.pth` (`original_rules`, Wan-Video/Wan2.1
+wan/modules/vae.py and Wan-Video/Wan2.2 wan/modules/vae2_2.py).
 
 Original -> ours: residual.{0,2,3,6} = norm1, conv1, norm2, conv2; shortcut = conv_shortcut;
 middle.{0,1,2} = resnets_0, attentions_0, resnets_1; head.{0,2} = norm_out, conv_out; top-level
 conv1 / conv2 = quant_conv / post_quant_conv; in a down/up block the entry after the resnets is the
-resampler (as diffusers' scripts/convert_wan_to_diffusers.py::convert_vae_22 maps it).
+resampler (as diffusers' scripts/convert_wan_to_diffusers.py::convert_vae / convert_vae_22 map them).
 """
 
 from unimm_jax.convert import transforms as T
@@ -68,10 +69,8 @@ def _original_resnet(src: str, dst: str) -> tuple:
           (src + r"\.residual\.3\.gamma", dst + "/norm2/scale", GAMMA3))
 
 
-def original_rules(num_res_blocks: int) -> tuple:
-  """Rules for the original Wan 2.2 state dict; the resampler's index in each block is num_res_blocks
-  (encoder) / num_res_blocks + 1 (decoder), written literally so the table also exports."""
-  enc_rs, dec_rs = num_res_blocks, num_res_blocks + 1
+def _original_shared() -> tuple:
+  """Convs in / out, heads, middle blocks and quant convs: named alike in Wan 2.1 and 2.2."""
   return (
       *_conv(r"(encoder|decoder)\.conv1", r"\1/conv_in"),
       *_conv(r"(encoder|decoder)\.head\.2", r"\1/conv_out"),
@@ -80,6 +79,34 @@ def original_rules(num_res_blocks: int) -> tuple:
       *_original_resnet(r"(encoder|decoder)\.middle\.0", r"\1/mid_block/resnets_0"),
       *_original_resnet(r"(encoder|decoder)\.middle\.2", r"\1/mid_block/resnets_1"),
       *_attention(r"(encoder|decoder)\.middle\.1", r"\1/mid_block/attentions_0"),
+  )
+
+
+def _original_wan21(num_res_blocks: int, num_blocks: int) -> tuple:
+  """Wan 2.1 (wan/modules/vae.py): the encoder's flat list keeps its indices; the decoder's flat list of
+  num_res_blocks + 1 resnets and one resampler per block (none after the last) is regrouped, entry
+  k * (num_res_blocks + 2) + j, as diffusers' convert_wan_to_diffusers.py::convert_vae does."""
+  per = num_res_blocks + 2
+  decoder = []
+  for k in range(num_blocks):
+    for j in range(num_res_blocks + 1):
+      decoder += _original_resnet(rf"decoder\.upsamples\.{k * per + j}", f"decoder/up_blocks_{k}/resnets_{j}")
+    if k < num_blocks - 1:
+      src, dst = rf"decoder\.upsamples\.{k * per + num_res_blocks + 1}", f"decoder/up_blocks_{k}/upsamplers_0"
+      decoder += [*_conv(src + r"\.resample\.1", dst + "/resample", T.conv2d), *_conv(src + r"\.time_conv", dst + "/time_conv")]
+  return (
+      *_original_resnet(r"encoder\.downsamples\.(\d+)", r"encoder/down_blocks_\1"),
+      *_conv(r"encoder\.downsamples\.(\d+)\.resample\.1", r"encoder/down_blocks_\1/resample", T.conv2d),
+      *_conv(r"encoder\.downsamples\.(\d+)\.time_conv", r"encoder/down_blocks_\1/time_conv"),
+      *decoder,
+  )
+
+
+def _original_wan22(num_res_blocks: int) -> tuple:
+  """Wan 2.2 (wan/modules/vae2_2.py): nested blocks; the resampler's index in each block is num_res_blocks
+  (encoder) / num_res_blocks + 1 (decoder), written literally so the table also exports."""
+  enc_rs, dec_rs = num_res_blocks, num_res_blocks + 1
+  return (
       *_original_resnet(r"encoder\.downsamples\.(\d+)\.downsamples\.(\d+)", r"encoder/down_blocks_\1/resnets_\2"),
       *_conv(rf"encoder\.downsamples\.(\d+)\.downsamples\.{enc_rs}\.resample\.1",
              r"encoder/down_blocks_\1/downsampler/resample", T.conv2d),
@@ -91,3 +118,10 @@ def original_rules(num_res_blocks: int) -> tuple:
       *_conv(rf"decoder\.upsamples\.(\d+)\.upsamples\.{dec_rs}\.time_conv",
              r"decoder/up_blocks_\1/upsampler/time_conv"),
   )
+
+
+def original_rules(cfg) -> tuple:
+  """Rules for an original release state dict (`Wan2.1_VAE.pth` / `Wan2.2_VAE.pth`) of a WanVAEConfig."""
+  if cfg.is_residual:
+    return (*_original_shared(), *_original_wan22(cfg.num_res_blocks))
+  return (*_original_shared(), *_original_wan21(cfg.num_res_blocks, len(cfg.dim_mult)))
