@@ -31,6 +31,7 @@ class Conv(nn.Module):
   padding: Sequence[tuple[int, int]] | None = None
   use_bias: bool = True
   causal: bool = False
+  upsample: bool = False    # nearest 2x upsampling of the input first (2D, 3x3, stride 1, "same" only)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -49,7 +50,11 @@ class Conv(nn.Module):
       raise ValueError(f"{self.name}: context is only meaningful for a causal conv")
     if self.causal and context is not None and context.shape[1] != self.kernel_size[0] - 1:
       raise ValueError(f"{self.name}: context has {context.shape[1]} frames, kernel needs {self.kernel_size[0] - 1}")
-    if self.causal and nd == 3 and strides[0] == 1:
+    if self.upsample:
+      if nd != 2 or tuple(self.kernel_size) != (3, 3) or strides != (1, 1) or self.padding is not None:
+        raise ValueError(f"{self.name}: upsample needs a 2D 3x3 stride-1 'same' conv, got {self.kernel_size}")
+      y = _upsample2x_conv3x3(x.astype(self.dtype), kernel.astype(self.dtype))
+    elif self.causal and nd == 3 and strides[0] == 1:
       y = _causal_taps(x.astype(self.dtype), kernel.astype(self.dtype), context, padding[1:], strides[1:])
     else:
       if self.causal:
@@ -68,6 +73,22 @@ def _conv(x: jax.Array, kernel: jax.Array, padding, strides) -> jax.Array:
   dims = "DHW"[3 - (x.ndim - 2):]
   return jax.lax.conv_general_dilated(x, kernel, window_strides=strides, padding=[tuple(p) for p in padding],
                                       dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"))
+
+
+def _upsample2x_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """conv3x3(nearest_upsample_2x(x)) with zero padding 1, without building the upsampled input.
+
+  Output pixel (2i + a, 2j + b) only reads input rows i - 1 + a .. i + a and columns j - 1 + b .. j + b:
+  the 3 kernel taps of a row phase fold into 2 (a = 0: [w0, w1 + w2]; a = 1: [w0 + w1, w2]), so each of
+  the 4 phases is a 2x2 conv at the input's resolution -- 2.25x fewer multiply-adds.
+  """
+  def fold(k, axis, phase):
+    k0, k1, k2 = (jnp.take(k, i, axis=axis) for i in range(3))
+    return jnp.stack([k0, k1 + k2] if phase == 0 else [k0 + k1, k2], axis=axis)
+
+  pad = ((1, 0), (0, 1))   # phase 0 reads one row / column before, phase 1 one after
+  phases = [[_conv(x, fold(fold(kernel, 0, a), 1, b), (pad[a], pad[b]), (1, 1)) for b in (0, 1)] for a in (0, 1)]
+  return rearrange(jnp.stack([jnp.stack(p) for p in phases]), "a b n h w o -> n (h a) (w b) o")
 
 
 def _causal_taps(x: jax.Array, kernel: jax.Array, context: jax.Array | None, padding, strides) -> jax.Array:

@@ -192,8 +192,7 @@ class Resample(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     if self.down:
       return Conv(self.features, (3, 3), (2, 2), ((0, 1), (0, 1)), name="conv", **kw)(x)
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return Conv(self.features, (3, 3), name="conv", **kw)(x)
+    return Conv(self.features, (3, 3), upsample=True, name="conv", **kw)(x)   # nearest 2x, then the conv
 
 
 class Block(nn.Module):

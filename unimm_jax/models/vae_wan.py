@@ -223,8 +223,7 @@ class Resample(nn.Module):
       else:
         x = rearrange(_causal(conv, x, cache, new), "b t h w (two c) -> b (t two) h w c", two=2)
     if self.mode.startswith("up"):
-      conv = Conv(self.features, (3, 3), name="resample", **kw)
-      x = _per_frame(lambda f: conv(jnp.repeat(jnp.repeat(f, 2, axis=1), 2, axis=2)), x)
+      x = _per_frame(Conv(self.features, (3, 3), upsample=True, name="resample", **kw), x)  # nearest 2x, conv
     else:
       conv = Conv(self.features, (3, 3), (2, 2), ((0, 1), (0, 1)), name="resample", **kw)
       x = _per_frame(conv, x)
