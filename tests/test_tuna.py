@@ -214,6 +214,34 @@ def test_time_shift_matches_the_reference_transport():
   np.testing.assert_allclose(t, 1 - np.exp(mu) / (np.exp(mu) + (1 / s - 1)), atol=1e-5)
 
 
+def test_tuna2_jit_objective_is_the_velocity_error_of_the_x0_prediction():
+  """TUNA-2 (tuna/models/jit_utils.py): t = sigmoid(N(-0.8, 0.8)), no shift, x0 error / max(1 - t, 0.05)^2."""
+  cfg = obj.FlowConfig.tuna2()
+  u = np.asarray(jax.random.normal(jax.random.key(0), (1000,)))
+  t = np.asarray(obj.sample_t(jax.random.key(0), (1000,), cfg))
+  np.testing.assert_allclose(t, 1 / (1 + np.exp(-(-0.8 + 0.8 * u))), atol=1e-6)
+  tiny = tuna_tiny.config(encoder="patch", prediction="x0")
+  b = jax.tree.map(jnp.asarray, tuna_tiny.batch(tiny, [tuna_tiny.samples(tiny)]))
+  b = obj.noise_batch(b, jax.random.key(1), cfg)
+  pred = b["x1"] + 0.3 * jax.random.normal(jax.random.key(2), b["x1"].shape)
+  out = tuna.TunaOutput(logits=jnp.zeros((*b["tokens"].shape, 64)), prediction=pred, hidden_states=None)
+  norms = obj.normalizers(b)
+  _, m = obj.tuna_loss(out, b, norms, cfg, "x0")
+  # where 1 - t is above the clamp, the weighted x0 error is the error of v_hat = (x0_hat - x_t) / (1 - t)
+  # against the velocity target x1 - x0
+  flow = b["flow_mask"][..., None]
+  one_minus_t = (1 - b["t"])[..., None]
+  assert bool(jnp.any(flow)) and bool(jnp.all(jnp.where(flow, one_minus_t > cfg.t_eps, True)))
+  v_hat = (pred - b["x_t"]) / one_minus_t
+  want = jnp.sum(jnp.where(flow, jnp.square(v_hat - b["velocity"]), 0.0)) / norms["flow"]
+  np.testing.assert_allclose(float(m["loss_flow"]), float(want), rtol=1e-4)
+  plain = obj.tuna_loss(out, b, norms, obj.FlowConfig(), "x0")[1]["loss_flow"]   # TUNA: unweighted x0 error
+  want_plain = jnp.sum(jnp.where(flow, jnp.square(pred - b["x1"]), 0.0)) / norms["flow"]
+  np.testing.assert_allclose(float(plain), float(want_plain), rtol=1e-5)
+  with pytest.raises(ValueError, match="x0_weighting"):
+    obj.FlowConfig(x0_weighting="snr")
+
+
 @pytest.mark.parametrize("variant", ["tiny", "2b"])
 def test_every_tuna_param_is_annotated_and_fsdp_leaves_under_2_percent_replicated(variant):
   import sys

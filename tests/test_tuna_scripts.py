@@ -44,3 +44,7 @@ def test_tuna_scripts_end_to_end_on_the_tiny_config(tmp_path):
   r = run("scripts/chat.py", "--ckpt", ckpt, "--image", str(out / "000.png"), "--prompt", "what colour",
           "--max_new_tokens", "4")
   assert r.stdout.startswith("> what colour\n")
+  (tmp_path / "broken.png").write_bytes(b"not a png")   # unreadable input: exit 2 naming the file
+  bad = subprocess.run([sys.executable, "scripts/edit.py", "--ckpt", ckpt, "--image", str(tmp_path / "broken.png"),
+                        "--instruction", "x"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and "broken.png" in bad.stderr, bad.stderr[-2000:]
