@@ -40,6 +40,7 @@ def train_defaults() -> ml_collections.ConfigDict:
       no_decay=(r"(.*/)?[^/]*norm[^/]*/(scale|bias)", r".*/bias", r"(.*/)?embed[^/]*/embedding"),
       freeze=(),                # params to freeze (stage-wise training), same path regexes
       ema_decay=0.0,            # 0 = no EMA params
+      ema_warmup=False,         # decay min(ema_decay, (1 + n) / (10 + n)) at update n (diffusers' EMAModel)
   ))
 
   # Mesh (data, fsdp, tensor): ici within a slice (one -1 = fill), dcn across slices. Axes are Auto:

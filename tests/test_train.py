@@ -124,6 +124,18 @@ def test_ema_params_follow_the_formula():
   assert_trees_close(state2.ema_params, want, atol=1e-6)
 
 
+def test_ema_warmup_follows_diffusers_decay_schedule():
+  # update n uses min(decay, (1 + n) / (10 + n)): 0.1 then 2/11, not 0.9 from the start
+  config = tiny_config()
+  config.optim.update(ema_decay=0.9, ema_warmup=True)
+  init, (state1, state2), _, _ = run(config, (1, 1, 1), n_devices=1, n_steps=2)
+  d0, d1 = 0.1, 2 / 11
+  want = jax.tree.map(lambda p0, p1, p2: d1 * (d0 * p0 + (1 - d0) * p1) + (1 - d1) * p2,
+                      init.params, state1.params, state2.params)
+  assert_trees_close(state2.ema_params, want, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(optim.ema_decay_at(0.9, True, jnp.asarray(1000))), 0.9)
+
+
 def test_weight_decay_skips_norms_biases_and_embeddings():
   config = tiny_config()
   config.optim.update(lr=0.1, weight_decay=0.5, clip_norm=0.0)

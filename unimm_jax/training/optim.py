@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -86,7 +87,16 @@ def build(optim: ml_collections.ConfigDict, total_steps: int, params: Any,
   return tx, trainable, schedule
 
 
-def ema_update(ema: Any, params: Any, decay: float) -> Any:
+def ema_decay_at(decay: float, warmup: bool, updates: jax.Array) -> jax.Array:
+  """The decay of the `updates`-th update (0-based): min(decay, (1 + n) / (10 + n)) with warmup, as
+  diffusers' EMAModel, so a short run's average is not dominated by the initial weights."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  n = updates.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def ema_update(ema: Any, params: Any, decay: float | jax.Array) -> Any:
   """ema <- decay * ema + (1 - decay) * params, leafwise in the params' dtype."""
   return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p).astype(e.dtype), ema, params)
 

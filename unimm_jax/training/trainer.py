@@ -143,7 +143,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
       ema_params=param_sh if ema_decay > 0 else None, rng=replicated, skipped=replicated)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
   batch_sh = jax.sharding.NamedSharding(mesh, batch_spec)
-  step_fn = _make_step(task, tx, schedule, trainable, accum, ema_decay, param_sh, mesh, batch_spec)
+  step_fn = _make_step(task, tx, schedule, trainable, accum, ema_decay, bool(config.optim.ema_warmup), param_sh,
+                       mesh, batch_spec)
   return Setup(
       task=task, mesh=mesh, tx=tx, schedule=schedule, trainable=trainable, state_shardings=state_sh,
       batch_sharding=batch_sh, abstract_state=abstract,
@@ -157,7 +158,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> 
 # Update step
 # =============================================================================================
 
-def _make_step(task: Task, tx, schedule, trainable, accum: int, ema_decay: float, param_sh, mesh, batch_spec):
+def _make_step(task: Task, tx, schedule, trainable, accum: int, ema_decay: float, ema_warmup: bool, param_sh, mesh,
+               batch_spec):
   def loss_on(params, batch, rng, norms):
     # Frozen params are constants to autodiff: no gradient work is done for them.
     params = jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
@@ -191,7 +193,8 @@ def _make_step(task: Task, tx, schedule, trainable, accum: int, ema_decay: float
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optim.apply_updates(state.params, updates, trainable)
-    ema = optim.ema_update(state.ema_params, params, ema_decay) if ema_decay > 0 else None
+    decay = optim.ema_decay_at(ema_decay, ema_warmup, state.step - state.skipped)
+    ema = optim.ema_update(state.ema_params, params, decay) if ema_decay > 0 else None
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new = TrainState(step=state.step + 1, params=keep(params, state.params),
