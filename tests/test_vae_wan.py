@@ -222,10 +222,10 @@ def test_bf16_compute_stays_close_to_fp32():
   assert float(jnp.max(jnp.abs(got - _apply(cfg, params, x)))) < 0.1
 
 
-@pytest.mark.parametrize("upsample", [False, True])
-def test_kernel_transforms_are_not_all_live_at_once(upsample):
-  # 8 wide convs over a tiny activation: if the tap slices / phase folds of every kernel were computed
-  # before the first conv (XLA's choice for weight-only work), the temporaries would hold all 8.
+@pytest.mark.parametrize("kind", ["causal", "upsample", "bf16"])
+def test_kernel_transforms_are_not_all_live_at_once(kind):
+  # 8 wide convs over a tiny activation: if the tap slices / phase folds / bf16 casts of every kernel
+  # were computed before the first conv (XLA's choice for weight-only work), temporaries would hold all 8.
   from unimm_jax.layers.conv import CausalConv3D, Conv
 
   c, n = 256, 8
@@ -234,12 +234,16 @@ def test_kernel_transforms_are_not_all_live_at_once(upsample):
     @nn.compact
     def __call__(self, x):
       for i in range(n):
-        x = (Conv(c, (3, 3), upsample=True, name=f"c{i}")(x)[:, ::2, ::2] if upsample
-             else CausalConv3D(c, name=f"c{i}")(x))
+        if kind == "causal":
+          x = CausalConv3D(c, name=f"c{i}")(x)
+        elif kind == "upsample":
+          x = Conv(c, (3, 3), upsample=True, name=f"c{i}")(x)[:, ::2, ::2]
+        else:
+          x = Conv(c, (3, 3), dtype=jnp.bfloat16, name=f"c{i}")(x)
       return x
 
-  x = jax.ShapeDtypeStruct((1, 4, 4, c) if upsample else (1, 1, 4, 4, c), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, 1, 4, 4, c) if kind == "causal" else (1, 4, 4, c), jnp.float32)
   params = jax.eval_shape(Stack().init, jax.random.key(0), x)
   compiled = jax.jit(Stack().apply).lower(params, x).compile()
-  transformed = (4 * 2 * 2 if upsample else 3 * 3) * c * c * 4     # bytes of one kernel's transform
+  transformed = {"causal": 9 * 4, "upsample": 16 * 4, "bf16": 9 * 2}[kind] * c * c   # bytes of one transform
   assert compiled.memory_analysis().temp_size_in_bytes < 2.5 * transformed

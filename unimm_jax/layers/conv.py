@@ -50,19 +50,23 @@ class Conv(nn.Module):
       raise ValueError(f"{self.name}: context is only meaningful for a causal conv")
     if self.causal and context is not None and context.shape[1] != self.kernel_size[0] - 1:
       raise ValueError(f"{self.name}: context has {context.shape[1]} frames, kernel needs {self.kernel_size[0] - 1}")
+    taps = self.causal and nd == 3 and strides[0] == 1
+    if self.upsample and (nd != 2 or tuple(self.kernel_size) != (3, 3) or strides != (1, 1)
+                          or self.padding is not None):
+      raise ValueError(f"{self.name}: upsample needs a 2D 3x3 stride-1 'same' conv, got {self.kernel_size}")
+    if self.upsample or taps or jnp.dtype(self.dtype) != kernel.dtype:   # the kernel is transformed
+      kernel = _after(kernel, x)
+    kernel = kernel.astype(self.dtype)
     if self.upsample:
-      if nd != 2 or tuple(self.kernel_size) != (3, 3) or strides != (1, 1) or self.padding is not None:
-        raise ValueError(f"{self.name}: upsample needs a 2D 3x3 stride-1 'same' conv, got {self.kernel_size}")
-      y = _upsample2x_conv3x3(x.astype(self.dtype), _after(kernel, x).astype(self.dtype))
-    elif self.causal and nd == 3 and strides[0] == 1:
-      y = _causal_taps(x.astype(self.dtype), _after(kernel, x).astype(self.dtype), context, padding[1:],
-                       strides[1:])
+      y = _upsample2x_conv3x3(x.astype(self.dtype), kernel)
+    elif taps:
+      y = _causal_taps(x.astype(self.dtype), kernel, context, padding[1:], strides[1:])
     else:
       if self.causal:
         padding[0] = (self.kernel_size[0] - 1, 0)
         if context is not None:
           x, padding[0] = jnp.concatenate([context.astype(x.dtype), x], axis=1), (0, 0)
-      y = _conv(x.astype(self.dtype), kernel.astype(self.dtype), padding, strides)
+      y = _conv(x.astype(self.dtype), kernel, padding, strides)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
                         (self.features,), self.param_dtype)
@@ -73,7 +77,8 @@ class Conv(nn.Module):
 def _after(kernel: jax.Array, x: jax.Array) -> jax.Array:
   """The kernel, made computable only once x exists (kernel + an exact 0 derived from x).
 
-  Kernel transforms (a time tap's slice, the phase folds) read only weights, so XLA:CPU schedules them
+  Kernel transforms (a time tap's slice, the phase folds, a cast to the compute dtype) read only weights,
+  so XLA:CPU schedules them
   all before the first conv and keeps a transformed copy of every kernel alive at once: measured 27
   tap slices of 36 MiB live together in a Wan 2.2 1024^2 decode. An optimization_barrier does not
   survive to scheduling; a data dependence does. nan_to_num keeps the 0 exact for non-finite x.

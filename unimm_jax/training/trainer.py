@@ -193,8 +193,10 @@ def _make_step(task: Task, tx, schedule, trainable, accum: int, ema_decay: float
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optim.apply_updates(state.params, updates, trainable)
-    decay = optim.ema_decay_at(ema_decay, ema_warmup, state.step - state.skipped)
-    ema = optim.ema_update(state.ema_params, params, decay) if ema_decay > 0 else None
+    ema = None
+    if ema_decay > 0:
+      decay = optim.ema_decay_at(ema_decay, ema_warmup, state.step - state.skipped)
+      ema = optim.ema_update(state.ema_params, params, decay)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new = TrainState(step=state.step + 1, params=keep(params, state.params),
