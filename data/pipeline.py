@@ -103,14 +103,35 @@ class Prepare:
         images.append(transforms.prepare_image(transforms.load_image(image), self.buckets))
       except transforms.BadImage as e:
         return {**marker, packing.SKIP_KEY: e.reason}
-    if stream == "mmu" and self.chat_template:
-      msgs = [{"role": "user", "content": record["text"]}]
-      enc = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)
-      text_ids = np.asarray(enc["input_ids"], np.int32)
+    if stream == "mmu":
+      text_ids, text_loss = self._prompt(record)
     else:
       text_ids = _ids(self.tokenizer, record["text"])
-    return {"id": record["id"], "stream": stream, "images": images, "text_ids": text_ids,
+      text_loss = np.zeros(len(text_ids), bool)
+    return {"id": record["id"], "stream": stream, "images": images, "text_ids": text_ids, "text_loss": text_loss,
             "answer_ids": _ids(self.tokenizer, record["answer"]), "meta": record.get("meta", "")}
+
+  def _prompt(self, record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """An understanding prompt (earlier turns + the question) -> (ids, loss mask on the earlier answers)."""
+    turns = [*record.get("turns", ()), record["text"]]
+    if not self.chat_template:
+      # Without a template an earlier answer ends with eos, as the final one does.
+      eos = np.asarray([self.tokenizer.eos_token_id], np.int32)
+      pieces = [np.concatenate([_ids(self.tokenizer, t), eos]) if n % 2 else _ids(self.tokenizer, t)
+                for n, t in enumerate(turns)]
+      return np.concatenate(pieces), np.concatenate([np.full(len(p), n % 2 == 1) for n, p in enumerate(pieces)])
+    # The template renders the conversation one message at a time; each message must only append tokens
+    # (true of Qwen-style templates), so the tokens an assistant message adds are exactly its loss.
+    msgs = [{"role": ("user", "assistant")[n % 2], "content": t} for n, t in enumerate(turns)]
+    ids, loss = np.zeros(0, np.int32), np.zeros(0, bool)
+    for n in range(len(msgs)):
+      enc = self.tokenizer.apply_chat_template(msgs[:n + 1], add_generation_prompt=n % 2 == 0, return_dict=True)
+      new = np.asarray(enc["input_ids"], np.int32)
+      if not np.array_equal(new[:len(ids)], ids):
+        raise ValueError(f"{record['id']}: the chat template rewrites earlier turns when turn {n} is added; "
+                         "multi-turn records need a template that only appends")
+      ids, loss = new, np.concatenate([loss, np.full(len(new) - len(ids), n % 2 == 1)])
+    return ids, loss
 
   def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
     ex = self.example(record)
@@ -296,9 +317,9 @@ class SimpleBuilder:
 
   def __call__(self, ex: Mapping[str, Any]) -> dict[str, Any]:
     tk = self.tokenizer
-    pieces: list[tuple[np.ndarray, int, float]] = [(np.asarray([tk.bos_token_id]), 0, 0.0)]  # (ids, span, loss)
+    pieces: list[tuple[np.ndarray, int, Any]] = [(np.asarray([tk.bos_token_id]), 0, 0.0)]  # (ids, span, loss)
     text_loss = 0.0 if ex["stream"] in ("mmu", "edit") else 1.0
-    pieces.append((ex["text_ids"], 0, text_loss))
+    pieces.append((ex["text_ids"], 0, np.maximum(text_loss, ex["text_loss"])))
     attachments, n = [], 1 + len(ex["text_ids"])
     vs, ve, pad = tk.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"])
     for k, image in enumerate(ex["images"], start=1):
@@ -310,5 +331,5 @@ class SimpleBuilder:
         "id": ex["id"], "stream": ex["stream"], "attachments": attachments,
         "tokens": np.concatenate([p for p, _, _ in pieces]).astype(np.int32),
         "span_local": np.concatenate([np.full(len(p), s) for p, s, _ in pieces]).astype(np.int32),
-        "loss_mask": np.concatenate([np.full(len(p), m) for p, _, m in pieces]).astype(np.float32),
+        "loss_mask": np.concatenate([np.broadcast_to(m, len(p)) for p, _, m in pieces]).astype(np.float32),
     }

@@ -41,7 +41,8 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Synthetic shapes: captions, questions/answers, edit triplets and texts, generated from a seed."""
 
   name = "unimm_shapes"
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "mmu records are conversations: earlier question/answer turns in `turns`."}
   BUILDER_CONFIGS = [ShapesConfig.make(s, z, 10_000) for s in shapes.STREAMS for z in shapes.SIZES]
 
   @tfds.core.utils.classproperty
@@ -63,6 +64,7 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             "images": tfds.features.Tensor(shape=(None, z, z, 3), dtype=np.uint8),
             "text": tfds.features.Text(),
             "answer": tfds.features.Text(),
+            "turns": tfds.features.Sequence(tfds.features.Text()),
             "meta": tfds.features.Text(),
         }),
         homepage="https://github.com/unimm-jax/unimm-jax",

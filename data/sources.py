@@ -58,18 +58,23 @@ def _as_str(v: Any) -> str:
   return v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
-def _conversation(turns: Sequence[Mapping[str, Any]], rid: str) -> tuple[str, str]:
-  """LLaVA-style turns [{"from": "human"|"gpt", "value": ...}] -> (prompt, final answer).
+def _conversation(turns: Sequence[Mapping[str, Any]], rid: str) -> tuple[list[str], str, str]:
+  """LLaVA-style turns [{"from": "human"|"gpt", "value": ...}] -> (earlier turns, question, answer).
 
-  Earlier turns are joined into the prompt (one per line) so a multi-turn sample is kept whole; only the
-  last assistant turn is the answer (and carries the loss). The `<image>` placeholder is removed: the
-  sequence builder decides where the image goes.
+  Earlier turns alternate user, assistant; like LLaVA, the sequence builder puts the loss on every
+  assistant turn, not only the last. The `<image>` placeholder is removed: the sequence builder decides
+  where the image goes.
   """
   texts = [(str(t.get("from", t.get("role", ""))), _as_str(t.get("value", t.get("content", "")))) for t in turns]
-  if not texts or texts[-1][0] not in ("gpt", "assistant"):
+  roles = [("human", "user"), ("gpt", "assistant")]
+  for n, (role, _) in enumerate(texts):
+    if role not in roles[n % 2]:
+      raise RecordError(f"{rid}: conversation turn {n} is from {role!r}; turns must alternate "
+                        f"{roles[0]} and {roles[1]}, starting with the user")
+  if not texts or len(texts) % 2:
     raise RecordError(f"{rid}: conversation does not end with an assistant ('gpt') turn")
-  prompt = "\n".join(v.replace("<image>", "").strip() for _, v in texts[:-1])
-  return prompt, texts[-1][1].strip()
+  values = [v.replace("<image>", "").strip() for _, v in texts]
+  return values[:-2], values[-2], values[-1]
 
 
 def canonical(raw: Mapping[str, Any], stream: str, *, rid: str, base_dir: str | None = None) -> dict[str, Any]:
@@ -88,9 +93,9 @@ def canonical(raw: Mapping[str, Any], stream: str, *, rid: str, base_dir: str | 
     raise RecordError(f"{rid}: {stream} records have {IMAGE_COUNT[stream]} image(s), got {len(images)}")
   if base_dir is not None:
     images = [os.path.join(base_dir, im) if isinstance(im, str) else im for im in images]
-  answer = ""
+  answer, turns = "", [_as_str(t) for t in raw.get("turns", ())]
   if stream == "mmu" and "conversations" in raw:
-    text, answer = _conversation(raw["conversations"], rid)
+    turns, text, answer = _conversation(raw["conversations"], rid)
   else:
     text = _first(raw, TEXT_KEYS[stream])
     if text is None:
@@ -99,11 +104,14 @@ def canonical(raw: Mapping[str, Any], stream: str, *, rid: str, base_dir: str | 
       answer = _first(raw, ("answer", "response"))
       if answer is None:
         raise RecordError(f"{rid}: no answer field (looked for 'answer', 'response', 'conversations')")
+  if len(turns) % 2 or (turns and stream != "mmu"):
+    raise RecordError(f"{rid}: 'turns' must be earlier (user, assistant) pairs of an mmu record, got "
+                      f"{len(turns)} turns in a {stream} record")
   if isinstance(text, list):  # several captions per image: the first one is used
     text = text[0] if text else ""
   meta = raw.get("meta", "")
   return {"id": _as_str(raw.get("id", rid)), "stream": stream, "images": images, "text": _as_str(text),
-          "answer": _as_str(answer), "meta": meta if isinstance(meta, str) else _as_str(meta)}
+          "answer": _as_str(answer), "turns": turns, "meta": meta if isinstance(meta, str) else _as_str(meta)}
 
 
 class ManifestSource:
@@ -161,7 +169,8 @@ class FolderSource(ManifestSource):
       txt = os.path.join(folder, stem + ".txt")
       caption = open(txt, encoding="utf-8").read().strip() if os.path.exists(txt) else ""
       self.records.append({"id": os.path.join(folder, name), "stream": "t2i",
-                           "images": [os.path.join(folder, name)], "text": caption, "answer": "", "meta": ""})
+                           "images": [os.path.join(folder, name)], "text": caption, "answer": "", "turns": [],
+                           "meta": ""})
 
 
 # ArrayRecord files hold one canonical record per entry in a small self-describing format: a 4-byte
@@ -179,6 +188,7 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
     else:
       images.append({"path": os.fspath(im)})
   header = {k: record[k] for k in ("id", "stream", "text", "answer", "meta")}
+  header["turns"] = list(record.get("turns", ()))
   header["images"] = images
   head = json.dumps(header, sort_keys=True).encode("utf-8")
   return struct.pack("<I", len(head)) + head + b"".join(blobs)
@@ -200,7 +210,7 @@ def decode_record(data: bytes) -> dict[str, Any]:
       size = int(np.prod(shape)) * dtype.itemsize
       images.append(np.frombuffer(data, dtype, count=int(np.prod(shape)), offset=pos).reshape(shape))
       pos += size
-  return {**header, "images": images}
+  return {"turns": [], **header, "images": images}  # files written before `turns` existed have none
 
 
 def write_array_record(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:

@@ -45,7 +45,7 @@ class TunaBuilder:
       drop = zlib.crc32(str(ex["id"]).encode()) % 10_000 < self.caption_dropout * 10_000
       sample = ts.t2i_sample(text[:0] if drop else text, images[0], self.tokens)
     elif stream == "mmu":
-      sample = ts.understanding_sample(images[0], text, ex["answer_ids"], self.tokens)
+      sample = ts.understanding_sample(images[0], text, ex["answer_ids"], self.tokens, ex["text_loss"])
     elif stream == "edit":
       sample = ts.edit_sample(images[0], text, images[1], self.tokens)
     elif stream == "text":

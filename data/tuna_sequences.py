@@ -4,6 +4,7 @@ Layouts (reference: tuna-2 tuna/data/tokenize_utils.py), with each image a span
 `[time slot] [image token] * (h * w)` between <boi> and <eoi>:
   t2i    [bos] text [boi] span [eoi] [eos]                    flow loss on the image
   mmu    [bos] [boi] span [eoi] prompt answer [eos]           image clean (t = 1), CE on answer + eos
+                                                             (and on the answers of earlier turns in prompt)
   edit   [bos] [boi] src [eoi] instruction [boi] tgt [eoi] [eos]   src clean, flow loss on tgt
   text   [bos] text [eos]                                     CE on every token after bos
 Deviation from the reference, on purpose: its datasets reserve h*w slots per image for a span of
@@ -50,9 +51,10 @@ class TunaTokens:
     return cls(eos=tokenizer.eos_token_id, pad=pad, **ids)
 
 
-def _text(ids: Sequence[int], labelled: bool) -> dict[str, np.ndarray]:
+def _text(ids: Sequence[int], labelled: bool | np.ndarray) -> dict[str, np.ndarray]:
+  """Text tokens, labelled where `labelled` (a bool or a per-token mask) is true."""
   ids = np.asarray(ids, np.int32)
-  return {"tokens": ids, "labels": ids.copy() if labelled else np.full(len(ids), IGNORE, np.int32)}
+  return {"tokens": ids, "labels": np.where(labelled, ids, IGNORE).astype(np.int32)}
 
 
 def _span(patches: np.ndarray, k: int, tok: TunaTokens, *, clean: bool, flow: bool) -> dict[str, np.ndarray]:
@@ -98,9 +100,13 @@ def t2i_sample(text_ids: Sequence[int], image: np.ndarray, tok: TunaTokens) -> d
 
 
 def understanding_sample(image: np.ndarray, prompt_ids: Sequence[int], answer_ids: Sequence[int],
-                         tok: TunaTokens) -> dict[str, Any]:
+                         tok: TunaTokens, prompt_loss: np.ndarray | None = None) -> dict[str, Any]:
+  """`prompt_loss` marks the prompt tokens that also carry the loss: earlier answers of a conversation."""
+  loss = np.zeros(1 + len(prompt_ids), bool)
+  if prompt_loss is not None:
+    loss[1:] = prompt_loss
   parts = [_text([tok.bos, tok.boi], False), _span(image, 1, tok, clean=True, flow=False),
-           _text([tok.eoi, *prompt_ids], False), _text([*answer_ids, tok.eos], True)]
+           _text([tok.eoi, *prompt_ids], loss), _text([*answer_ids, tok.eos], True)]
   return _join(parts, [image], "mmu")
 
 

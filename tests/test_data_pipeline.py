@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -10,6 +11,8 @@ import pytest
 from PIL import Image
 
 from unimm_jax.data import packing, pipeline, shapes, sources, transforms
+from unimm_jax.data import tuna_sequences as ts
+from unimm_jax.data.tuna_data import TunaBuilder
 from unimm_jax.data.tokenizer import shapes_tokenizer
 
 MIX = {"t2i": 0.5, "edit": 0.2, "mmu": 0.2, "text": 0.1}
@@ -313,7 +316,7 @@ def test_worker_processes_give_the_same_batches_and_resume(tokenizer):
 
 
 def test_understanding_prompt_can_go_through_the_chat_template(tokenizer):
-  record = shapes.shapes_record("mmu", 0)
+  record = {**shapes.shapes_record("mmu", 0), "turns": []}  # one question
   plain = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 4), ((32, 32),)).example(record)
   chat = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 4), ((32, 32),), chat_template=True)
   ex = chat.example(record)
@@ -322,3 +325,50 @@ def test_understanding_prompt_can_go_through_the_chat_template(tokenizer):
   assert ex["text_ids"].tolist() == head + plain["text_ids"].tolist() + tail
   assert tokenizer.decode(plain["text_ids"]) == record["text"]
   assert tokenizer.decode(ex["answer_ids"]) == record["answer"]
+  assert not ex["text_loss"].any() and not plain["text_loss"].any()
+
+
+def _marked(tokenizer, ids, loss):
+  """The text of the tokens with the loss, one string per run."""
+  runs, cur = [], []
+  for i, m in zip(ids.tolist(), loss.tolist()):
+    if m:
+      cur.append(i)
+    elif cur:
+      runs, cur = runs + [cur], []
+  return [tokenizer.decode(r) for r in runs + ([cur] if cur else [])]
+
+
+def test_every_answer_of_a_conversation_carries_the_loss(tokenizer):
+  record = next(r for r in map(functools.partial(shapes.shapes_record, "mmu"), range(100)) if len(r["turns"]) >= 4)
+  types = json.loads(record["meta"])["qa_types"]
+  assert len(types) == len(record["turns"]) // 2 + 1 == len(set(types)) <= shapes.QA_TURNS
+  questions, answers = record["turns"][0::2], record["turns"][1::2]
+  ex = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 4), ((32, 32),)).example(record)
+  eos = tokenizer.eos_token
+  history = " ".join(f"{q} {a} {eos}" for q, a in zip(questions, answers))
+  assert tokenizer.decode(ex["text_ids"], skip_special_tokens=False) == f"{history} {record['text']}"
+  assert _marked(tokenizer, ex["text_ids"], ex["text_loss"]) == [f"{a} {eos}" for a in answers]
+  chat = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 4), ((32, 32),), chat_template=True).example(record)
+  msgs = [{"role": ("user", "assistant")[n % 2], "content": t} for n, t in enumerate([*record["turns"], record["text"]])]
+  want = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, return_dict=True)["input_ids"]
+  assert chat["text_ids"].tolist() == list(want)
+  assert _marked(tokenizer, chat["text_ids"], chat["text_loss"]) == [f"{a} <|im_end|> \n" for a in answers]
+  # the TUNA sample labels exactly those answers and the final one
+  sample = TunaBuilder(ts.TunaTokens.from_tokenizer(tokenizer), 8, 3)(ex)
+  labelled = sample["labels"] != ts.IGNORE
+  assert np.array_equal(sample["labels"][labelled], sample["tokens"][labelled])
+  assert _marked(tokenizer, sample["tokens"], labelled) == [f"{a} {eos}" for a in [*answers, record["answer"]]]
+
+
+def test_manifest_conversations_keep_earlier_turns_and_check_roles(tmp_path):
+  conv = [{"from": "human", "value": "<image>\nwhat color is it ?"}, {"from": "gpt", "value": "red"},
+          {"from": "human", "value": "where is it ?"}, {"from": "gpt", "value": "left"}]
+  (tmp_path / "ok.jsonl").write_text(json.dumps({"image": "a.png", "conversations": conv}) + "\n")
+  rec = sources.ManifestSource(tmp_path / "ok.jsonl", "mmu")[0]
+  assert (rec["turns"], rec["text"], rec["answer"]) == (["what color is it ?", "red"], "where is it ?", "left")
+  bad = conv[:1] + conv[2:]  # two user turns in a row
+  (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "a.png", "conversations": bad}) + "\n")
+  with pytest.raises(sources.RecordError, match=r"bad.jsonl:1: conversation turn 1 is from 'human'"):
+    sources.canonical({"image": "a.png", "conversations": bad}, "mmu", rid=f"{tmp_path}/bad.jsonl:1")
+  assert sources.decode_record(sources.encode_record(rec))["turns"] == rec["turns"]
