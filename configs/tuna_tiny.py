@@ -25,8 +25,8 @@ from unimm_jax.models.tuna_head import TunaHeadConfig
 from unimm_jax.training import tuna_objective as obj
 
 VARIANTS = {
-    # sized for the whole of `make demo` (install, train, evaluate) to take < 15 minutes on 2 cores at
-    # 0.21-0.23 s a step: 3600 steps took 854 s of a 16.4-minute command, so 3200. 4 rows x 3600 steps
+    # sized for `make demo` to train in < 15 minutes on 2 cores: 3200 steps took 820 s at 0.26 s a step
+    # (the same machine ran 0.22-0.24 s a step on other days; 3600 steps scored the same). 4 rows x 3600 steps
     # beat 8 rows x 1800 (same images, a little less time): generation overall 0.18 vs 0.12, understanding
     # 0.54 either way; a 64x64 world (16x16 patches), EMA weights and bigger shapes (0.62-0.8 of a cell
     # instead of 0.5-0.72) changed nothing beyond run-to-run noise.
