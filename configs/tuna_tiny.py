@@ -56,7 +56,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.flow = ml_collections.ConfigDict(dataclasses.asdict(obj.FlowConfig.tuna2(ntp_weight=1.0)))
   c.data = ml_collections.ConfigDict(dict(
       name="shapes_tuna", seq_len=SEQ_LEN, max_spans=MAX_SPANS, images_per_row=8, image_size=IMAGE_SIZE, seed=0,
-      num_records=10_000, caption_dropout=0.1, weights=dict(t2i=0.5, edit=0.12, mmu=0.3, text=0.08)))
+      num_records=10_000, caption_dropout=0.1, weights=dict(t2i=0.5, edit=0.12, mmu=0.3, text=0.08),
+      # name="tuna_streams" trains on your own data instead (data/README.md, section 7):
+      # --config.data.name=tuna_streams --config.data.sources.t2i=jsonl:/path/captions.jsonl
+      sources=dict(t2i="", edit="", mmu="", text=""), tokenizer="", chat_template=False))
   c.batch_size = v["batch_size"]
   c.steps = v["steps"]
   c.optim.update(lr=3e-3, warmup_steps=50, schedule="cosine", end_lr_frac=0.1, weight_decay=0.01, ema_decay=0.0)

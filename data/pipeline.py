@@ -270,6 +270,7 @@ class DataIterator(grain.DatasetIterator):
     return self
 
   def __next__(self) -> dict[str, Any]:
+    self._assert_not_closed()
     item = self._item() if self._queue is None else self._queue.get()
     if item[0] == "end":
       if self._queue is not None:
@@ -279,6 +280,13 @@ class DataIterator(grain.DatasetIterator):
       raise item[1]
     _, batch, self._state, self._counters = item
     return batch
+
+  def close(self) -> None:
+    """Stops the packing thread and closes grain's iterators, worker processes included (idempotent)."""
+    self._halt()
+    if not self._closed:
+      self._closed = True
+      self._rows.close()
 
   def get_state(self) -> dict[str, Any]:
     return copy.deepcopy(self._state)

@@ -285,3 +285,40 @@ class TfdsSource:
 
   def __repr__(self) -> str:
     return f"TfdsSource({self.name!r}, {self.split!r}, {self.stream!r}, {len(self)} records)"
+
+
+SPEC_KINDS = ("jsonl", "folder", "array_record", "tfds")
+
+
+def from_spec(spec: str, stream: str, *, key: str = "source") -> Any:
+  """A source from a one-line spec, the form configs and command lines give (`key` names it in errors):
+
+    jsonl:PATH                    a JSONL manifest (ManifestSource)
+    folder:DIR                    an image folder (FolderSource)
+    array_record:PATH[,PATH...]   ArrayRecord files; a path may be a glob
+    tfds:NAME:SPLIT[:DATA_DIR]    a prepared tfds dataset (TfdsSource)
+  """
+  kind, sep, rest = spec.partition(":")
+  if not sep or kind not in SPEC_KINDS or not rest:
+    raise ValueError(f"{key}={spec!r}: expected one of {[k + ':...' for k in SPEC_KINDS]}")
+  if stream not in STREAMS:
+    raise ValueError(f"{key}: unknown stream {stream!r}; expected one of {STREAMS}")
+  if kind == "tfds":
+    name, _, rest = rest.partition(":")
+    split, _, data_dir = rest.partition(":")
+    if not name or not split:
+      raise ValueError(f"{key}={spec!r}: expected tfds:NAME:SPLIT[:DATA_DIR]")
+    return TfdsSource(name, split, stream, data_dir=data_dir or None)
+  if kind == "array_record":
+    import glob
+
+    paths = []
+    for p in rest.split(","):
+      found = sorted(glob.glob(p))
+      if not found:
+        raise FileNotFoundError(f"{key}={spec!r}: no file matches {p!r}")
+      paths += found
+    return ArrayRecordSource(paths)
+  if not os.path.exists(rest):
+    raise FileNotFoundError(f"{key}={spec!r}: {rest!r} does not exist")
+  return ManifestSource(rest, stream) if kind == "jsonl" else FolderSource(rest, stream)

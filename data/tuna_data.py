@@ -55,28 +55,68 @@ class TunaBuilder:
     return {**sample, "id": ex["id"]}
 
 
-def shapes_pipeline(*, tokenizer: Any, patch: int, image_size: int, row_length: int, max_spans: int,
-                    batch_size: int, weights: Mapping[str, float], seed: int = 0, num_records: int = 10_000,
-                    caption_dropout: float = 0.1, shard_index: int = 0, shard_count: int = 1) -> pipeline.Pipeline:
-  """The embedded default for pixel-space TUNA: the shapes world, mixed by `weights`, packed rows."""
-  builder = TunaBuilder(ts.TunaTokens.from_tokenizer(tokenizer), patch, 3, caption_dropout)
-  prepare = pipeline.Prepare(tokenizer, builder, buckets=((image_size, image_size),))
-  streams = pipeline.shapes_streams(size=image_size, num_records=num_records, seed=seed, weights=dict(weights))
+def tuna_pipeline(streams: list[pipeline.Stream], *, tokenizer: Any, patch: int, channels: int,
+                  buckets: tuple[tuple[int, int], ...], row_length: int, max_spans: int, batch_size: int, seed: int = 0,
+                  caption_dropout: float = 0.1, chat_template: bool = False, shard_index: int = 0,
+                  shard_count: int = 1) -> pipeline.Pipeline:
+  """Canonical records of the given streams -> packed TUNA batches (data.tuna_sequences.to_batch)."""
+  builder = TunaBuilder(ts.TunaTokens.from_tokenizer(tokenizer), patch, channels, caption_dropout)
+  prepare = pipeline.Prepare(tokenizer, builder, buckets=buckets, chat_template=chat_template)
   return pipeline.Pipeline(
       streams, prepare, row_length=row_length, batch_size=batch_size, seed=seed, shard_index=shard_index,
       shard_count=shard_count, pad_values={"labels": ts.IGNORE},
-      collate_fn=functools.partial(ts.to_batch, max_spans=max_spans, token_features=patch * patch * 3))
+      collate_fn=functools.partial(ts.to_batch, max_spans=max_spans, token_features=patch * patch * channels))
+
+
+def _pixel_model(config: Any, name: str) -> Any:
+  if config.model.space != "pixel":
+    raise ValueError(f"data {name!r} feeds pixel-space TUNA; config.model.space is {config.model.space!r} "
+                     "(latent TUNA trains on precomputed latents)")
+  return config.model
 
 
 def shapes_from_config(config: Any, batch_size: int, process_index: int, process_count: int) -> pipeline.Pipeline:
-  """The trainer's "shapes_tuna" dataset: config.data (seq_len, max_spans, image_size, weights, seed,
-  num_records) and config.model (a pixel-space TUNA config)."""
+  """The trainer's "shapes_tuna" dataset, the embedded default: config.data (seq_len, max_spans, image_size,
+  weights, seed, num_records, caption_dropout) and config.model (a pixel-space TUNA config)."""
   from unimm_jax.data.tokenizer import shapes_tokenizer  # builds the tokenizer offline, in memory
-  d, m = config.data, config.model
-  if m.space != "pixel":
-    raise ValueError(f"data 'shapes_tuna' feeds pixel-space TUNA; config.model.space is {m.space!r}")
-  return shapes_pipeline(
-      tokenizer=shapes_tokenizer(), patch=int(m.patch), image_size=int(d.image_size), row_length=int(d.seq_len),
-      max_spans=int(d.max_spans), batch_size=batch_size, weights=d.weights.to_dict(), seed=int(d.seed),
-      num_records=int(d.num_records), caption_dropout=float(d.get("caption_dropout", 0.1)),
+  d, m = config.data, _pixel_model(config, "shapes_tuna")
+  size = int(d.image_size)
+  streams = pipeline.shapes_streams(size=size, num_records=int(d.num_records), seed=int(d.seed),
+                                    weights=d.weights.to_dict())
+  return tuna_pipeline(
+      streams, tokenizer=shapes_tokenizer(), patch=int(m.patch), channels=3, buckets=((size, size),),
+      row_length=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
+      caption_dropout=float(d.get("caption_dropout", 0.1)), shard_index=process_index, shard_count=process_count)
+
+
+def streams_from_config(config: Any, batch_size: int, process_index: int, process_count: int) -> pipeline.Pipeline:
+  """The trainer's "tuna_streams" dataset: your own data. config.data.sources maps a stream (t2i, mmu, edit,
+  text) to a source spec (`sources.from_spec`: jsonl:, folder:, array_record:, tfds:); streams with an
+  empty spec are not used, the others are mixed by config.data.weights. config.data.tokenizer is a Hugging
+  Face tokenizer (name or folder) with TUNA's special tokens, or empty for the shapes tokenizer;
+  config.data.chat_template wraps understanding prompts in its chat template. Images are resized and
+  centre-cropped to config.data.image_size."""
+  from unimm_jax.data import sources
+  d, m = config.data, _pixel_model(config, "tuna_streams")
+  specs = {k: str(v) for k, v in d.sources.items() if str(v)}
+  if not specs:
+    raise ValueError("data 'tuna_streams': config.data.sources gives no source; set e.g. "
+                     "--config.data.sources.t2i=jsonl:/path/to/captions.jsonl")
+  weights = d.weights.to_dict()
+  missing = sorted(k for k in specs if float(weights.get(k, 0)) <= 0)
+  if missing:
+    raise ValueError(f"data 'tuna_streams': config.data.weights has no positive weight for {missing}")
+  streams = [pipeline.Stream(k, sources.from_spec(v, k, key=f"config.data.sources.{k}"), float(weights[k]))
+             for k, v in specs.items()]
+  if d.get("tokenizer"):
+    import transformers
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(d.tokenizer))
+  else:
+    from unimm_jax.data.tokenizer import shapes_tokenizer
+    tokenizer = shapes_tokenizer()
+  size = int(d.image_size)
+  return tuna_pipeline(
+      streams, tokenizer=tokenizer, patch=int(m.patch), channels=int(m.channels), buckets=((size, size),),
+      row_length=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
+      caption_dropout=float(d.get("caption_dropout", 0.1)), chat_template=bool(d.get("chat_template", False)),
       shard_index=process_index, shard_count=process_count)

@@ -56,8 +56,11 @@ def main(argv):
 
   config = FLAGS.config
   config.batch_size = FLAGS.batch
+  # a TUNA config nests its decoder and flow head; each carries its own dtypes
+  towers = [config.model[k] for k in ("llm", "head") if k in config.model] or [config.model]
   if FLAGS.dtype:
-    config.model.dtype = FLAGS.dtype
+    for m in towers:
+      m.dtype = FLAGS.dtype
   config.mesh.ici = (1, -1, 1)
   mesh = sharding.make_mesh(config.mesh.ici, config.mesh.dcn)
   rules = sharding.rules_from_config(config.sharding.rules)
@@ -85,15 +88,15 @@ def main(argv):
   peak = metrics.peak_flops(dev, float(config.peak_tflops))
   peak_src = "data sheet" if peak else "measured matmul"
   if peak is None:
-    peak = matmul_peak(jnp.dtype(config.model.dtype))
+    peak = matmul_peak(jnp.dtype(towers[0].dtype))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   tokens = s.task.tokens_per_example * config.batch_size
   rows = [
       ("device", f"{jax.device_count()} x {dev.device_kind} ({dev.platform})"),
       ("task / config", f"{config.task} / {config_flags.get_config_filename(FLAGS['config'])}"),
       ("params", f"{n_params / 1e6:.1f}M"),
-      ("dtype (compute / params)", f"{config.model.dtype} / {config.model.param_dtype}"),
-      ("remat / scan", f"{config.model.remat} / {config.model.scan_layers}"),
+      ("dtype (compute / params)", f"{towers[0].dtype} / {towers[0].param_dtype}"),
+      ("remat / scan", f"{towers[0].remat} / {towers[0].scan_layers}"),
       ("batch x tokens", f"{config.batch_size} x {s.task.tokens_per_example}"),
       ("compile", f"{compile_s:.1f} s"),
       ("step time (median)", f"{step_s * 1e3:.1f} ms over {FLAGS.steps} steps"),

@@ -313,6 +313,10 @@ def test_worker_processes_give_the_same_batches_and_resume(tokenizer):
   resumed.set_state(state)
   for w in want:
     _same(next(resumed), w)
+  for x in (threads, it, resumed):  # worker processes end with their iterators, not at interpreter exit
+    x.close()
+  with pytest.raises(ValueError, match="closed"):
+    next(it)
 
 
 def test_understanding_prompt_can_go_through_the_chat_template(tokenizer):
@@ -372,3 +376,61 @@ def test_manifest_conversations_keep_earlier_turns_and_check_roles(tmp_path):
   with pytest.raises(sources.RecordError, match=r"bad.jsonl:1: conversation turn 1 is from 'human'"):
     sources.canonical({"image": "a.png", "conversations": bad}, "mmu", rid=f"{tmp_path}/bad.jsonl:1")
   assert sources.decode_record(sources.encode_record(rec))["turns"] == rec["turns"]
+
+
+def test_source_specs_pick_the_reader_and_name_the_key_at_fault(tmp_path):
+  _png(tmp_path / "a.png")
+  (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a red square"}) + "\n")
+  (tmp_path / "a.txt").write_text("a red square")
+  assert len(sources.from_spec(f"jsonl:{tmp_path / 'm.jsonl'}", "t2i")) == 1
+  assert len(sources.from_spec(f"folder:{tmp_path}", "t2i")) == 1
+  sources.write_array_record(tmp_path / "r.array_record", [shapes.shapes_record("mmu", i) for i in range(3)])
+  assert len(sources.from_spec(f"array_record:{tmp_path}/*.array_record", "mmu")) == 3
+  with pytest.raises(ValueError, match=r"config.data.sources.t2i='csv:x'"):
+    sources.from_spec("csv:x", "t2i", key="config.data.sources.t2i")
+  with pytest.raises(FileNotFoundError, match="nowhere.jsonl"):
+    sources.from_spec(f"jsonl:{tmp_path / 'nowhere.jsonl'}", "t2i")
+  with pytest.raises(FileNotFoundError, match=r"no file matches"):
+    sources.from_spec(f"array_record:{tmp_path}/*.missing", "t2i")
+  with pytest.raises(ValueError, match="tfds:NAME:SPLIT"):
+    sources.from_spec("tfds:shapes", "t2i")
+
+
+def test_trainer_trains_tuna_on_manifests_and_logs_pipeline_counters(tmp_path):
+  """`data.name = "tuna_streams"`: a user's JSONL manifests (bad lines included) train the tiny TUNA; the
+  pipeline's counters (skips by reason, packing efficiency) and the input wait land in the run's metrics."""
+  from configs import tuna_tiny
+  from unimm_jax.training import metrics, trainer
+
+  rng = np.random.default_rng(0)
+  t2i, mmu = [], []
+  for i in range(6):
+    scene = shapes.sample_scene(rng, "single")
+    Image.fromarray(shapes.render(scene, 32)).save(tmp_path / f"{i}.png")
+    t2i.append({"image": f"{i}.png", "caption": shapes.caption(scene, "single")})
+    _, question, answer = shapes.sample_question(rng, scene)
+    mmu.append({"image": f"{i}.png", "question": question, "answer": answer})
+  t2i += [{"image": "missing.png", "caption": "a red circle"}, {"image": "0.png", "caption": ""}]
+  for name, lines in (("t2i", t2i), ("mmu", mmu)):
+    (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+  config = tuna_tiny.get_config("smoke")
+  config.data.name = "tuna_streams"
+  config.data.sources.t2i = f"jsonl:{tmp_path / 't2i.jsonl'}"
+  config.data.sources.mmu = f"jsonl:{tmp_path / 'mmu.jsonl'}"
+  config.steps, config.log_every, config.batch_size = 3, 1, 8
+  config.mesh.ici = (-1, 1, 1)  # data parallel over the tests' 8 CPU devices
+  state = trainer.train(config, str(tmp_path / "run"))
+  assert int(state.step) == 3
+  logged = metrics.read_scalars(str(tmp_path / "run" / "events"))
+  last = {k: v[3] for k, v in logged.items() if 3 in v}
+  assert last["data/skipped/missing_file"] >= 1 and last["data/skipped/empty_text"] >= 1
+  assert last["data/samples/t2i"] > 0 and last["data/samples/mmu"] > 0 and "data/samples/edit" not in last
+  assert 0 < last["data/efficiency"] <= 1 and 0 <= last["perf/input_wait"] < 1
+  assert np.isfinite(last["loss"])
+
+  config.data.sources.edit = "jsonl:/nowhere/edit.jsonl"
+  with pytest.raises(FileNotFoundError, match=r"config.data.sources.edit=.*/nowhere/edit.jsonl"):
+    trainer.train(config, str(tmp_path / "run2"))
+  config.data.weights.edit = 0.0
+  with pytest.raises(ValueError, match=r"no positive weight for \['edit'\]"):
+    trainer.train(config, str(tmp_path / "run3"))

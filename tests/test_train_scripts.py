@@ -54,10 +54,11 @@ def test_scaling_plot_draws_loss_against_compute(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_bench_train_reports_device_dtype_and_mfu():
+@pytest.mark.parametrize("config", ["qwen_lm.py:tiny", "tuna_tiny.py:smoke"])  # TUNA nests its model config
+def test_bench_train_reports_device_dtype_and_mfu(config):
   out = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "bench_train.py"),
-       "--config", os.path.join(ROOT, "configs", "qwen_lm.py") + ":tiny", "--steps", "2"],
+       "--config", os.path.join(ROOT, "configs", config), "--steps", "2"],
       env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   table = dict(line.split("  ", 1) for line in out.stdout.strip().splitlines())

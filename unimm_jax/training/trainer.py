@@ -43,7 +43,8 @@ def _synthetic_tokens(config: ml_collections.ConfigDict, batch_per_process: int,
 
 
 # config.data.name -> builder(config, batch_per_process, process_index, process_count) -> grain.IterDataset
-DATASETS = {"synthetic_tokens": _synthetic_tokens, "shapes_tuna": tuna_data.shapes_from_config}
+DATASETS = {"synthetic_tokens": _synthetic_tokens, "shapes_tuna": tuna_data.shapes_from_config,
+            "tuna_streams": tuna_data.streams_from_config}
 NONFINITE = ("skip", "stop")
 
 
@@ -288,13 +289,16 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, s: Setup, mngr, pretr
   preempt = _Preemption()
   bar = tqdm.tqdm(total=config.steps, initial=start, disable=not lead, dynamic_ncols=True)
   profiling = False
-  t_last, steps_since = time.perf_counter(), 0
+  t_last, steps_since, waited = time.perf_counter(), 0, 0.0
   try:
     for step in range(start + 1, config.steps + 1):
       if step == config.profile.start + 1 and config.profile.start >= 0 and lead:
         jax.profiler.start_trace(os.path.join(workdir, "profile"))
         profiling = True
-      state, out = s.step(state, s.global_batch(next(data)))
+      t_wait = time.perf_counter()
+      batch = next(data)
+      waited += time.perf_counter() - t_wait
+      state, out = s.step(state, s.global_batch(batch))
       steps_since += 1
       bar.update(1)
       log_now = step % config.log_every == 0 or step == config.steps or step == start + 1
@@ -317,11 +321,16 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, s: Setup, mngr, pretr
             scalars["perf/images_per_s"] = s.task.images_per_example * config.batch_size / dt
           if peak:
             scalars["perf/mfu"] = flops_per_step / dt / (peak * jax.device_count())
+          # Steps are dispatched asynchronously, so time blocked in next(data) is time the device could
+          # have been fed: the share of wall time the input pipeline costs.
+          scalars["perf/input_wait"] = waited / (time.perf_counter() - t_last)
+        if hasattr(data, "stats"):  # this process's pipeline counters: samples, efficiency, skipped/<reason>
+          scalars.update({f"data/{k}": float(v) for k, v in data.stats().items()})
         if lead:
           writer.scalars(step, scalars)
           bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{scalars['lr']:.2e}", refresh=False)
           tqdm.tqdm.write(f"step {step}: " + ", ".join(f"{k}={v:.5g}" for k, v in sorted(scalars.items())))
-        t_last, steps_since = time.perf_counter(), 0
+        t_last, steps_since, waited = time.perf_counter(), 0, 0.0
       if profiling and step == config.profile.start + config.profile.steps:
         jax.profiler.stop_trace()
         profiling = False
@@ -337,6 +346,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, s: Setup, mngr, pretr
     preempt.close()
     bar.close()
     mngr.wait_until_finished()
+    if hasattr(data, "close"):  # grain worker processes, prefetch threads
+      data.close()
     if writer:
       writer.close()
   return state
