@@ -10,6 +10,7 @@ records that cannot be read return a skip marker (`skipped()`), which the packer
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import os
 import struct
@@ -310,8 +311,6 @@ def from_spec(spec: str, stream: str, *, key: str = "source") -> Any:
       raise ValueError(f"{key}={spec!r}: expected tfds:NAME:SPLIT[:DATA_DIR]")
     return TfdsSource(name, split, stream, data_dir=data_dir or None)
   if kind == "array_record":
-    import glob
-
     paths = []
     for p in rest.split(","):
       found = sorted(glob.glob(p))

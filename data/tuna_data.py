@@ -84,7 +84,7 @@ def shapes_from_config(config: Any, batch_size: int, process_index: int, process
   streams = pipeline.shapes_streams(size=size, num_records=int(d.num_records), seed=int(d.seed),
                                     weights=d.weights.to_dict())
   return tuna_pipeline(
-      streams, tokenizer=shapes_tokenizer(), patch=int(m.patch), channels=3, buckets=((size, size),),
+      streams, tokenizer=shapes_tokenizer(), patch=int(m.patch), channels=int(m.channels), buckets=((size, size),),
       row_length=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
       caption_dropout=float(d.get("caption_dropout", 0.1)), shard_index=process_index, shard_count=process_count)
 

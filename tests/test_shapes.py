@@ -55,7 +55,7 @@ def test_tfds_builder_produces_the_same_records_as_the_grain_source(tmp_path):
   names = shapes_tfds.prepare(str(tmp_path), size=32, num_records=12, seed=5)
   assert names["mmu"] == "unimm_shapes/mmu_32_12_s5"
   for stream in shapes.STREAMS:
-    tf_src = sources.TfdsSource(names[stream], "train", stream, data_dir=str(tmp_path))
+    tf_src = sources.from_spec(f"tfds:{names[stream]}:train:{tmp_path}", stream)  # the config form
     grain_src = shapes.ShapesSource(stream, 12, size=32, seed=5)
     got = sorted((tf_src[i] for i in range(len(tf_src))), key=lambda r: int(r["id"].rsplit("-", 1)[1]))
     assert len(got) == len(grain_src) == 12
