@@ -41,28 +41,31 @@ def model():
   return m, _randomize(m.init(jax.random.key(0), b)["params"], seed=5)
 
 
-def _manual_t2i(m, params, prompt, grid_hw, steps, seed):
-  """Euler with the conditional prediction only, built by hand from one t2i row."""
-  h, w = grid_hw
+def _manual_euler(m, params, sample, span, steps, seed):
+  """Euler with the conditional prediction only, built by hand from one row the way training feeds the model
+  (tuna_objective.noise_batch): clean spans hold their patches at t = 1, span `span` is generated."""
   o = m.cfg.token_features
-  s = ts.t2i_sample(prompt, np.zeros((h, w, o), np.float32), tuna_tiny.TOK)
-  row = packing.pack_row([s], 32)
-  b = {k: jnp.asarray(v) for k, v in ts.to_batch([row], 1, o).items()}
-  slots = np.flatnonzero((s["span_local"] == 1) & ~s["time_slot"])
-  x = jax.random.normal(jax.random.key(seed), (1, h * w, o))
+  row = packing.pack_row([sample], 32)
+  n_spans = int(row["span_ids"].max())
+  b = {k: jnp.asarray(v) for k, v in ts.to_batch([row], n_spans, o).items()}
+  slots = np.flatnonzero((sample["span_local"] == span) & ~sample["time_slot"])
+  x = jax.random.normal(jax.random.key(seed), (1, len(slots), o))
   grid = sampling.time_grid(steps, 3.0)
   for i in range(steps - 1):
-    x_t = jnp.zeros_like(b["x1"]).at[0, slots].set(x[0])
-    v = m.apply({"params": params}, {**b, "x_t": x_t, "span_t": jnp.full((1, 1), grid[i])}).prediction[0, slots]
+    x_t = b["x1"].at[0, slots].set(x[0])
+    span_t = jnp.ones((1, n_spans)).at[0, span - 1].set(grid[i])
+    v = m.apply({"params": params}, {**b, "x_t": x_t, "span_t": span_t}).prediction[0, slots]
     x = x + (grid[i + 1] - grid[i]) * v[None]
-  return np.asarray(x).reshape(1, h, w, o)
+  return np.asarray(x)
 
 
 def test_guidance_one_is_the_conditional_prediction(model):
   m, params = model
   sampler = sampling.TunaSampler(m, params, tuna_tiny.TOK)
   got = sampler.text_to_image([[10, 11]], (2, 3), sampling.FlowSamplerConfig(steps=4, guidance=1.0), seed=3)
-  np.testing.assert_allclose(got, _manual_t2i(m, params, [10, 11], (2, 3), 4, 3), atol=1e-5)
+  blank = np.zeros((2, 3, m.cfg.token_features), np.float32)
+  want = _manual_euler(m, params, ts.t2i_sample([10, 11], blank, tuna_tiny.TOK), 1, 4, 3)
+  np.testing.assert_allclose(got, want.reshape(got.shape), atol=1e-5)
 
 
 def test_guidance_is_irrelevant_when_the_null_prompt_is_the_prompt(model):
@@ -83,6 +86,10 @@ def test_edit_keeps_the_source_clean_and_guidance_combines_branches(model):
   cfg = sampling.FlowSamplerConfig(steps=3, guidance=1.0)
   plain = sampler.edit([src], [[18]], cfg, seed=2)
   assert plain.shape == (1, 2, 2, m.cfg.token_features) and np.all(np.isfinite(plain))
+  # the model sees the source as in training: its patches at t = 1 (not zeros), so another source edits differently
+  want = _manual_euler(m, params, ts.edit_sample(src, [18], np.zeros_like(src), tuna_tiny.TOK), 2, 3, 2)
+  np.testing.assert_allclose(plain, want.reshape(plain.shape), atol=1e-5)
+  assert np.abs(sampler.edit([src + 1.0], [[18]], cfg, seed=2) - plain).max() > 1e-2
   same = sampler.edit([src], [[18]], dataclasses.replace(cfg, guidance=4.0), negative=[18], seed=2)
   np.testing.assert_allclose(same, plain, atol=1e-4)  # null instruction == instruction
   three = sampler.edit([src], [[18]], dataclasses.replace(cfg, guidance=4.0, image_guidance=1.5), seed=2)

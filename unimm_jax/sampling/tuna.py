@@ -84,7 +84,8 @@ class TunaSampler:
 
     def velocity(x, t):
       xs = jnp.concatenate([x] * len(weights))
-      x_t = jnp.zeros_like(batch["x1"]).at[rows, slots].set(xs)
+      # x1 holds the clean conditioning images (an edit's source) and zeros at the generated slots.
+      x_t = batch["x1"].at[rows, slots].set(xs)
       span_t = batch["span_t_clean"].at[np.arange(slots.shape[0]), span_of_target].set(t)
       pred = self._forward(self.params, {**batch, "x_t": x_t, "span_t": span_t})[rows, slots]
       if x0_prediction:
