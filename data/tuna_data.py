@@ -29,8 +29,9 @@ class TunaBuilder:
   tokens: ts.TunaTokens
   patch: int
   channels: int
-  # Share of t2i captions replaced by the empty prompt, so the model learns the unconditional branch
-  # that classifier-free guidance contrasts with. Decided by a hash of the record id: deterministic
+  # Share of t2i captions and edit instructions replaced by the empty prompt, so the model learns the
+  # null branches that classifier-free guidance contrasts with (sampling.tuna: an empty prompt for t2i,
+  # the source with an empty instruction for editing). Decided by a hash of the record id: deterministic
   # and resumable without an rng in the pipeline.
   caption_dropout: float = 0.1
 
@@ -41,9 +42,10 @@ class TunaBuilder:
 
   def __call__(self, ex: Mapping[str, Any]) -> dict[str, Any]:
     stream, images, text = ex["stream"], [self.image(i) for i in ex["images"]], ex["text_ids"]
+    if stream in ("t2i", "edit") and zlib.crc32(str(ex["id"]).encode()) % 10_000 < self.caption_dropout * 10_000:
+      text = text[:0]
     if stream == "t2i":
-      drop = zlib.crc32(str(ex["id"]).encode()) % 10_000 < self.caption_dropout * 10_000
-      sample = ts.t2i_sample(text[:0] if drop else text, images[0], self.tokens)
+      sample = ts.t2i_sample(text, images[0], self.tokens)
     elif stream == "mmu":
       sample = ts.understanding_sample(images[0], text, ex["answer_ids"], self.tokens, ex["text_loss"])
     elif stream == "edit":

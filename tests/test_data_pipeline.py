@@ -365,6 +365,21 @@ def test_every_answer_of_a_conversation_carries_the_loss(tokenizer):
   assert _marked(tokenizer, sample["tokens"], labelled) == [f"{a} {eos}" for a in [*answers, record["answer"]]]
 
 
+def test_caption_dropout_empties_t2i_captions_and_edit_instructions_only(tokenizer):
+  """Guidance's null branches (an empty caption; the source with an empty instruction) must be trained."""
+  tok = ts.TunaTokens.from_tokenizer(tokenizer)
+  prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 4), ((32, 32),))
+  builder, keep_all = TunaBuilder(tok, 8, 3, caption_dropout=0.1), TunaBuilder(tok, 8, 3, caption_dropout=0.0)
+  dropped = {}
+  for stream in ("t2i", "edit", "mmu", "text"):
+    exs = [prepare.example(shapes.shapes_record(stream, i)) for i in range(400)]
+    lengths = [len(builder(e)["tokens"]) for e in exs]
+    dropped[stream] = np.mean([n == len(keep_all(e)["tokens"]) - len(e["text_ids"]) for n, e in zip(lengths, exs)])
+    assert lengths == [len(builder(e)["tokens"]) for e in exs]  # decided by the record id, not an rng
+  assert 0.05 < dropped["t2i"] < 0.15 and 0.05 < dropped["edit"] < 0.15
+  assert dropped["mmu"] == dropped["text"] == 0.0
+
+
 def test_manifest_conversations_keep_earlier_turns_and_check_roles(tmp_path):
   conv = [{"from": "human", "value": "<image>\nwhat color is it ?"}, {"from": "gpt", "value": "red"},
           {"from": "human", "value": "where is it ?"}, {"from": "gpt", "value": "left"}]
