@@ -13,6 +13,7 @@ from unimm_jax.data import packing
 from unimm_jax.data import tuna_sequences as ts
 from unimm_jax.models import tuna
 from unimm_jax.sampling import tuna as sampling
+from unimm_jax.training import tuna_objective as obj
 
 
 def test_time_grid_is_the_reference_warp_with_steps_points():
@@ -49,6 +50,9 @@ def _manual_euler(m, params, sample, span, steps, seed):
   n_spans = int(row["span_ids"].max())
   b = {k: jnp.asarray(v) for k, v in ts.to_batch([row], n_spans, o).items()}
   slots = np.flatnonzero((sample["span_local"] == span) & ~sample["time_slot"])
+  clean = (row["span_ids"] > 0) & ~row["time_slot"] & (row["span_ids"] != span)
+  trained = obj.noise_batch(b, jax.random.key(0), obj.FlowConfig())["x_t"][0, clean]
+  np.testing.assert_array_equal(trained, b["x1"][0, clean])  # what the loop below feeds the clean spans
   x = jax.random.normal(jax.random.key(seed), (1, len(slots), o))
   grid = sampling.time_grid(steps, 3.0)
   for i in range(steps - 1):
