@@ -7,10 +7,10 @@ bounding box: square ~1.0, circle ~0.8, triangle ~0.5) and vertical skewness (tr
 its cell from its centroid.
 
 Categories (prompt kind -> what must be found), in the spirit of GenEval:
-  single_object  "a red circle at the top"          exactly one object, of that shape
+  single_object  "a red circle at the top left"      exactly one object, of that shape
   two_objects    "a red circle and a blue square"    both shapes present
   counting       "two red circles"                   exactly n objects of that shape
-  colors         "a red circle at the top"           an object of that shape has that colour
+  colors         "a red circle at the top left"      an object of that shape has that colour
   position       "a red circle above a blue square"  both found, centroids in that relation
   color_attr     "a red circle and a blue square"    both (colour, shape) bindings present
 plus understanding (answer == ground truth, per question type) and editing (the detected objects of the
@@ -33,7 +33,7 @@ from unimm_jax.data import shapes
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 KIND = {"single_object": "single", "two_objects": "pair", "counting": "count", "colors": "single",
         "position": "relation", "color_attr": "pair"}
-MIN_AREA = 0.07  # of a cell's area; the smallest drawn triangle covers ~0.11
+MIN_AREA = 0.07  # of a cell's area; the smallest drawn triangle covers ~0.12
 # Sharp renders fill their box: squares 1.0, circles 0.75-0.89, triangles 0.50-0.60; triangles skew -0.57.
 SQUARE_FILL, CIRCLE_FILL, TRIANGLE_SKEW = 0.92, 0.67, -0.2
 # The coverage model below (pixel = alpha * colour) relies on the black background of shapes.render.
@@ -78,7 +78,7 @@ def detect(image: np.ndarray) -> list[Detection]:
   if img.ndim != 3 or img.shape[-1] != 3:
     raise ValueError(f"expected an [h w 3] image, got shape {img.shape}")
   size = img.shape[0]
-  cell = size / 3
+  cell = size / shapes.GRID
   colour, alpha = _colour_maps(img)
   found = []
   for c, name in enumerate(shapes.COLORS):
@@ -106,8 +106,8 @@ def detect(image: np.ndarray) -> list[Detection]:
         shape = "square" if fill >= SQUARE_FILL else "circle"
       ys, xs = np.nonzero(mask)
       cy, cx = float(ys.mean() + box[0].start + 0.5), float(xs.mean() + box[1].start + 0.5)
-      r, col = min(2, int(cy / cell)), min(2, int(cx / cell))
-      found.append(Detection(name, shape, shapes.CELLS[r * 3 + col], cy, cx, int(mask.sum())))
+      r, col = min(shapes.GRID - 1, int(cy / cell)), min(shapes.GRID - 1, int(cx / cell))
+      found.append(Detection(name, shape, shapes.CELLS[r * shapes.GRID + col], cy, cx, int(mask.sum())))
   return sorted(found, key=lambda d: (d.cy, d.cx))
 
 

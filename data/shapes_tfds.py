@@ -41,8 +41,9 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Synthetic shapes: captions, questions/answers, edit triplets and texts, generated from a seed."""
 
   name = "unimm_shapes"
-  VERSION = tfds.core.Version("1.1.0")
-  RELEASE_NOTES = {"1.1.0": "mmu records are conversations: earlier question/answer turns in `turns`."}
+  VERSION = tfds.core.Version("2.0.0")
+  RELEASE_NOTES = {"1.1.0": "mmu records are conversations: earlier question/answer turns in `turns`.",
+                   "2.0.0": "shapes sit on a 2x2 grid (was 3x3): one cell is one 16-px patch at 32x32."}
   BUILDER_CONFIGS = [ShapesConfig.make(s, z, 10_000) for s in shapes.STREAMS for z in shapes.SIZES]
 
   @tfds.core.utils.classproperty

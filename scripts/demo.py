@@ -29,9 +29,9 @@ config_flags.DEFINE_config_file("config", "configs/tuna_tiny.py:tiny", "demo con
 flags.DEFINE_string("workdir", "runs/demo", "run directory")
 FLAGS = flags.FLAGS
 
-PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle on the left",
-           "a purple square on the right", "a red circle and a blue square", "two green squares",
-           "an orange triangle at the top"]
+PROMPTS = ["a red circle at the top left", "a blue square at the bottom right", "a green triangle at the top right",
+           "a yellow circle to the left of a purple square", "an orange triangle above a blue circle",
+           "a red circle and a blue square", "two green squares", "three yellow triangles"]  # captions of the world
 
 
 def labelled_grid(images: list[np.ndarray], labels: list[str], scale: int = 4, width: int = 160) -> Image.Image:

@@ -37,6 +37,19 @@ def test_images_show_exactly_the_scene_in_palette_colours():
         assert found == n, (r["text"], name)
 
 
+def test_every_shape_lies_inside_its_cell():
+  # A cell is one image token of a model with patch size / GRID (configs/tuna_tiny.py): no shape may cross.
+  for size in shapes.SIZES:
+    cell = size // shapes.GRID
+    for i in range(100):
+      meta = json.loads(shapes.shapes_record("edit", i, size=size)["meta"])
+      for obj in shapes.scene_from_json(meta["scene"]) + shapes.scene_from_json(meta["target"]):
+        ys, xs = np.nonzero(shapes.render([obj], size).any(-1))
+        r, c = divmod(shapes.CELLS.index(obj.cell), shapes.GRID)
+        assert ys.min() >= r * cell and ys.max() < (r + 1) * cell, (size, obj)
+        assert xs.min() >= c * cell and xs.max() < (c + 1) * cell, (size, obj)
+
+
 def test_every_stream_has_its_fields_and_the_world_has_enough_variety():
   recs = {s: [shapes.shapes_record(s, i) for i in range(400)] for s in shapes.STREAMS}
   assert {len(r["images"]) for r in recs["t2i"]} == {1} and {len(r["images"]) for r in recs["edit"]} == {2}
