@@ -13,9 +13,11 @@ patches at 32x32), so each object is whole in one token and a tiny model learns 
 words per token instead of assembling a shape from the 2-4 patches a 3x3 grid cuts it into. Measured on
 `make demo` (3200 steps, same compute a step): the 3x3 world with 8-px patches reached single-object
 generation 0.20, colours 0.32 and shape answers 0.42; this one 0.78, 0.78 and 0.70. Left/right/top/bottom
-placement and relations remain; a position answer has 4 choices instead of 9. Records follow the canonical raw-record schema of `data/README.md`; `meta` (JSON) keeps the
-scene, the scene kind and, per stream, the question types (mmu records are conversations of up to
-`QA_TURNS` questions; `qa_type` is the last one's) or the edit op and target scene.
+placement and relations remain; a position answer has 4 choices instead of 9.
+
+Records follow the canonical raw-record schema of `data/README.md`; `meta` (JSON) keeps the scene, the
+scene kind and, per stream, the question types (mmu records are conversations of up to `QA_TURNS`
+questions; `qa_type` is the last one's) or the edit op and target scene.
 """
 
 from __future__ import annotations
