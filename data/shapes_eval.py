@@ -13,7 +13,10 @@ Categories (prompt kind -> what must be found), in the spirit of GenEval:
   colors         "a red circle at the top left"      an object of that shape has that colour
   position       "a red circle above a blue square"  both found, centroids in that relation
   color_attr     "a red circle and a blue square"    both (colour, shape) bindings present
-plus understanding (answer == ground truth, per question type) and editing (the detected objects of the
+and, outside the overall score, the diagnostic
+  placement      the single_object prompts           that (colour, shape) found in the named cell
+which isolates *where* from *what*: position needs both objects right before their places count.
+Plus understanding (answer == ground truth, per question type) and editing (the detected objects of the
 edited image equal the target scene's (colour, shape, cell) multiset, per op).
 """
 
@@ -31,6 +34,7 @@ from scipy import ndimage
 from unimm_jax.data import shapes
 
 CATEGORIES = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+DIAGNOSTICS = {"placement": "single_object"}  # scored on that category's items, not part of "overall"
 KIND = {"single_object": "single", "two_objects": "pair", "counting": "count", "colors": "single",
         "position": "relation", "color_attr": "pair"}
 MIN_AREA = 0.07  # of a cell's area; the smallest drawn triangle covers ~0.12
@@ -136,7 +140,9 @@ def check(category: str, scene: shapes.Scene, dets: Sequence[Detection], size: i
             "above": b.cy - a.cy > margin, "below": a.cy - b.cy > margin}[shapes.relation(scene[0], scene[1])]
   if category == "color_attr":
     return all(_find(dets, o) is not None for o in scene)
-  raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
+  if category == "placement":
+    return any((d.color, d.shape, d.cell) == (scene[0].color, scene[0].shape, scene[0].cell) for d in dets)
+  raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES + tuple(DIAGNOSTICS)}")
 
 
 def normalize_answer(text: str) -> str:
@@ -184,14 +190,17 @@ class ShapesEval:
                          "source": r["images"][0], "target": shapes.scene_from_json(meta["target"])})
 
   def score_generation(self, images: Sequence[np.ndarray | None]) -> dict[str, float]:
-    """One image per `generation` item (None = missing, scored wrong) -> accuracy per category + overall."""
+    """One image per `generation` item (None = missing, scored wrong) -> accuracy per category, overall
+    (the mean of CATEGORIES) and the DIAGNOSTICS."""
     _check_len("generation", images, self.generation)
     ok = collections.defaultdict(list)
     for item, im in zip(self.generation, images):
-      ok[item["category"]].append(im is not None and check(item["category"], item["scene"], detect(im), self.size))
+      dets = detect(im) if im is not None else None
+      for name in [item["category"], *(d for d, c in DIAGNOSTICS.items() if c == item["category"])]:
+        ok[name].append(dets is not None and check(name, item["scene"], dets, self.size))
     out = {c: _mean(ok[c]) for c in CATEGORIES}
     out["overall"] = float(np.mean([out[c] for c in CATEGORIES]))
-    return out
+    return {**out, **{d: _mean(ok[d]) for d in DIAGNOSTICS}}
 
   def score_answers(self, answers: Sequence[str | None]) -> dict[str, float]:
     """One answer per `questions` item -> accuracy per question type + overall."""
@@ -260,7 +269,7 @@ def evaluate(
 
   generate_fn(prompts) -> images [n S S 3] (uint8, or float in [-1, 1]);
   answer_fn(images uint8 [n S S 3], questions) -> answers; edit_fn(images, instructions) -> images.
-  Returns {"generation": {category: acc, "overall"}, "understanding": {...}, "editing": {...},
+  Returns {"generation": {category: acc, "overall", diagnostic: acc}, "understanding": {...}, "editing": {...},
   "chance": the same three for guessing (`ShapesEval.chance`), "config": ...}.
   """
   ev = ShapesEval(size=size, seed=seed, per_category=per_category)

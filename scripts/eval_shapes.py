@@ -4,7 +4,7 @@
       writes the evaluation set: DIR/generation.jsonl {id, category, prompt}, DIR/questions.jsonl
       {id, qa_type, question, image} + DIR/questions/<id>.png, DIR/edits.jsonl {id, op, instruction, image}
       + DIR/edits/<id>.png.
-  python scripts/eval_shapes.py --ckpt DIR [--steps 20 --guidance 5 --shift 3] [same flags] [--out REPORT_DIR]
+  python scripts/eval_shapes.py --ckpt DIR [--steps 20 --guidance 3 --shift 3] [same flags] [--out REPORT_DIR]
       runs a converted TUNA checkpoint (scripts/convert.py, or a demo's export/) on the whole set and scores it
       (default report folder: DIR/shapes_eval).
   python scripts/eval_shapes.py --results DIR [same flags] [--out REPORT_DIR]
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
   p.add_argument("--seed", type=int, default=1_000_003)
   p.add_argument("--per-category", type=int, default=50)
   p.add_argument("--steps", type=int, default=20, help="--ckpt: time grid points")
-  p.add_argument("--guidance", type=float, default=5.0, help="--ckpt: classifier-free guidance (1 = off)")
+  p.add_argument("--guidance", type=float, default=3.0,
+                 help="--ckpt: classifier-free guidance (1 = off; 3 is the demo's, so its export scores as report.md)")
   p.add_argument("--shift", type=float, default=3.0, help="--ckpt: time-grid warp")
   args = p.parse_args(argv)
   ev = shapes_eval.ShapesEval(size=args.size, seed=args.seed, per_category=args.per_category)

@@ -90,7 +90,21 @@ def test_evaluator_scores_ground_truth_renders_at_least_0_99(size):
   edit = ev.score_edits([shapes.render(e["target"], size) for e in ev.edits])
   for part in (gen, und, edit):
     assert min(part.values()) >= 0.99, part
-  assert set(gen) == set(shapes_eval.CATEGORIES) | {"overall"}
+  assert set(gen) == set(shapes_eval.CATEGORIES) | {"overall"} | set(shapes_eval.DIAGNOSTICS)
+
+
+def test_placement_needs_the_named_object_in_the_named_cell():
+  """The diagnostic that separates where from what: the right object in another cell still scores on
+  single_object, not on placement."""
+  ev = shapes_eval.ShapesEval(size=32, per_category=20)
+  def moved(scene):
+    (o,) = scene
+    return (o._replace(cell=shapes.CELLS[(shapes.CELLS.index(o.cell) + 1) % len(shapes.CELLS)]),)
+  images = [shapes.render(moved(g["scene"]) if g["category"] == "single_object" else g["scene"], 32)
+            for g in ev.generation]
+  scores = ev.score_generation(images)
+  assert scores["single_object"] == 1.0 and scores["placement"] == 0.0, scores
+  assert scores["overall"] == 1.0  # placement stays outside the GenEval-style mean
 
 
 def test_evaluator_gives_low_scores_to_wrong_images_and_answers():
