@@ -41,8 +41,10 @@ MAX_SPANS = SEQ_LEN // ((IMAGE_SIZE // PATCH) ** 2 + 3)
 
 
 def model_config(embed: int, depth: int) -> tuna.TunaConfig:
+  # Untied: with tied embeddings the CE on words that are interchangeable in their context ("at the top/bottom",
+  # "a red/blue") pulls their input embeddings together, and generation loses the words it is conditioned on.
   llm = qwen.QwenConfig(vocab=64, embed=embed, mlp=3 * embed, depth=depth, heads=4, kv_heads=2, head_dim=embed // 4,
-                        tie_embeddings=True)   # the shapes tokenizer has 62 tokens
+                        tie_embeddings=False)   # the shapes tokenizer has 62 tokens
   head = TunaHeadConfig(embed=embed, mlp=3 * embed, depth=2, heads=4, kv_heads=2, head_dim=embed // 4,
                         out_features=PATCH * PATCH * 3)
   return tuna.TunaConfig(llm=llm, head=head, encoder="patch", space="pixel", channels=3, patch=PATCH, prediction="x0")
