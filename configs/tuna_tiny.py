@@ -57,7 +57,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(model_config(v["embed"], v["depth"]).to_dict())
   # TUNA weighs CE by 0.2; at this size and budget understanding only learns with full weight, and the
   # understanding stream gets a bigger share than TUNA's 0.2 for the same reason.
-  c.flow = ml_collections.ConfigDict(dataclasses.asdict(obj.FlowConfig.tuna2(ntp_weight=1.0)))
+  c.flow = ml_collections.ConfigDict(dataclasses.asdict(obj.FlowConfig.tuna2(ntp_weight=1.0, flow_weight=3.0)))
   c.data = ml_collections.ConfigDict(dict(
       name="shapes_tuna", seq_len=SEQ_LEN, max_spans=MAX_SPANS, images_per_row=8, image_size=IMAGE_SIZE, seed=0,
       num_records=10_000, caption_dropout=0.1, weights=dict(t2i=0.5, edit=0.12, mmu=0.3, text=0.08),
