@@ -12,8 +12,8 @@ x0 prediction copes with wide patches (JiT's point). On this budget the number o
 limits learning: text conditioning of generation only appears after about 1000 steps even on t2i alone
 (measured on the 3x3 world: the flow loss at t = 0.2 with the right caption 0.039 vs 0.047 with a wrong one
 after 1000 steps; no gap after 400).
-Why untied embeddings and flow_weight 3 (measured by `make demo` on two clean clones, ShapesEval, 50 items a
-category): tied, the CE on words that are interchangeable in their context ("at the top / bottom", "a red /
+Why untied embeddings and flow_weight 3 (measured by `make demo` on clean clones, one per config, ShapesEval,
+50 items a category): tied, the CE on words that are interchangeable in their context ("at the top / bottom", "a red /
 blue") pulls their input embeddings together (cosine of "left" and "right" 0.94 after 3200 steps; 1.00 after
 1000 steps of t2i + text), so generation cannot read the words it is conditioned on; and with the CE weighed as
 much as the flow loss, captions barely move the x0 prediction (t2i + text, 1000 steps: swapping the colour
