@@ -297,6 +297,11 @@ class DataIterator(grain.DatasetIterator):
     self._state, self._counters = copy.deepcopy(dict(state)), dict(self._rows.counters)
     self._start()
 
+  @property
+  def counters(self) -> dict[str, int]:
+    """The packer's counters for the batches handed out (`stats` without the sources' own skips)."""
+    return dict(self._counters)
+
   def stats(self) -> dict[str, float]:
     """Counters so far (samples, rows, tokens, slots, samples/<stream>, skipped/<reason>) + efficiency.
 
@@ -341,3 +346,80 @@ class SimpleBuilder:
         "span_local": np.concatenate([np.full(len(p), s) for p, s, _ in pieces]).astype(np.int32),
         "loss_mask": np.concatenate([np.broadcast_to(m, len(p)) for p, _, m in pieces]).astype(np.float32),
     }
+
+
+class Phases:
+  """A curriculum: `iter(phases)` gives batches of `pipelines[0]` for `steps[0]` batches, then of
+  `pipelines[1]` for `steps[1]`, ..., then of the last pipeline for ever. Each phase has its own streams and
+  weights (e.g. a text-to-image warm-up before the full mix), counted in batches, i.e. train steps.
+
+  Each phase starts its pipeline from the beginning (its own seed and order); the iterator state names the
+  phase, the batches taken in it and that pipeline's state, so a resumed run continues in the same phase.
+  """
+
+  def __init__(self, pipelines: Sequence[Pipeline], steps: Sequence[int]):
+    if len(steps) != len(pipelines) - 1 or not pipelines:
+      raise ValueError(f"{len(pipelines)} pipelines need {len(pipelines) - 1} phase lengths, got {list(steps)}")
+    if any(int(n) <= 0 for n in steps):
+      raise ValueError(f"phase lengths must be positive numbers of steps, got {list(steps)}")
+    self.pipelines, self.steps = list(pipelines), [int(n) for n in steps]
+
+  def __iter__(self) -> PhasedIterator:
+    return PhasedIterator(self)
+
+
+class PhasedIterator(grain.DatasetIterator):
+  """Iterator of `Phases`; only the current phase's pipeline is open (its threads and workers)."""
+
+  def __init__(self, phases: Phases):
+    super().__init__()
+    self._phases = phases
+    self._done: collections.Counter = collections.Counter()  # packer counters of the finished phases
+    self._open(0, 0)
+
+  def _open(self, phase: int, taken: int) -> None:
+    self._phase, self._taken = phase, taken
+    self._it = iter(self._phases.pipelines[phase])
+
+  def _length(self) -> int | None:
+    return self._phases.steps[self._phase] if self._phase < len(self._phases.steps) else None
+
+  def __iter__(self) -> PhasedIterator:
+    return self
+
+  def __next__(self) -> dict[str, Any]:
+    self._assert_not_closed()
+    if self._taken == self._length():
+      self._done.update(self._it.counters)
+      self._it.close()
+      self._open(self._phase + 1, 0)
+    batch = next(self._it)
+    self._taken += 1
+    return batch
+
+  def close(self) -> None:
+    if not self._closed:
+      self._closed = True
+      self._it.close()
+
+  def get_state(self) -> dict[str, Any]:
+    return {"phase": self._phase, "taken": self._taken, "done": dict(self._done), "pipeline": self._it.get_state()}
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    phase = int(state["phase"])
+    if not 0 <= phase < len(self._phases.pipelines):
+      raise ValueError(f"data iterator state is in phase {phase}; this run has {len(self._phases.pipelines)}")
+    self._it.close()
+    self._open(phase, int(state["taken"]))
+    self._it.set_state(state["pipeline"])
+    self._done = collections.Counter(state["done"])
+
+  def stats(self) -> dict[str, float]:
+    """`DataIterator.stats` summed over the phases so far, and `phase` (0-based). The sources' own skips
+    (manifest lines) are those of the current phase's sources, counted once."""
+    counts = self._done + collections.Counter(self._it.stats())
+    counts.pop("efficiency", None)
+    out: dict[str, float] = dict(counts)
+    out["efficiency"] = counts["tokens"] / max(1, counts["slots"])
+    out["phase"] = self._phase
+    return out

@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from einops import rearrange
 
-from unimm_jax.data import pipeline
+from unimm_jax.data import pipeline, shapes
 from unimm_jax.data import tuna_sequences as ts
 
 
@@ -77,21 +77,42 @@ def _pixel_model(config: Any, name: str) -> Any:
   return config.model
 
 
-def shapes_from_config(config: Any, batch_size: int, process_index: int, process_count: int) -> pipeline.Pipeline:
+def _phased(d: Any, build: Callable[[dict[str, float]], pipeline.Pipeline],
+            streams: Sequence[str]) -> pipeline.Pipeline | pipeline.Phases:
+  """`build(config.data.weights)`, after a warm-up of `config.data.warmup.steps` steps on
+  `config.data.warmup.weights` when that is set (a `pipeline.Phases`)."""
+  weights = {k: float(v) for k, v in d.weights.to_dict().items()}
+  warmup = d.get("warmup")
+  if warmup is None or int(warmup.steps) <= 0:
+    return build(weights)
+  warm = {k: float(v) for k, v in warmup.weights.to_dict().items() if float(v) > 0}
+  unknown = sorted(set(warm) - set(streams))
+  if not warm or unknown:
+    raise ValueError(f"config.data.warmup.weights {warmup.weights.to_dict()} must give a positive weight to "
+                     f"some of the run's streams {list(streams)}" + (f"; not streams: {unknown}" if unknown else ""))
+  return pipeline.Phases([build(warm), build(weights)], [int(warmup.steps)])
+
+
+def shapes_from_config(config: Any, batch_size: int, process_index: int,
+                       process_count: int) -> pipeline.Pipeline | pipeline.Phases:
   """The trainer's "shapes_tuna" dataset, the embedded default: config.data (seq_len, max_spans, image_size,
-  weights, seed, num_records, caption_dropout) and config.model (a pixel-space TUNA config)."""
+  weights, optional warmup, seed, num_records, caption_dropout) and config.model (a pixel-space TUNA config)."""
   from unimm_jax.data.tokenizer import shapes_tokenizer  # builds the tokenizer offline, in memory
   d, m = config.data, _pixel_model(config, "shapes_tuna")
-  size = int(d.image_size)
-  streams = pipeline.shapes_streams(size=size, num_records=int(d.num_records), seed=int(d.seed),
-                                    weights=d.weights.to_dict())
-  return tuna_pipeline(
-      streams, tokenizer=shapes_tokenizer(), patch=int(m.patch), channels=int(m.channels), buckets=((size, size),),
-      row_length=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
-      caption_dropout=float(d.get("caption_dropout", 0.1)), shard_index=process_index, shard_count=process_count)
+  size, tokenizer = int(d.image_size), shapes_tokenizer()
+
+  def build(weights: dict[str, float]) -> pipeline.Pipeline:
+    streams = pipeline.shapes_streams(size=size, num_records=int(d.num_records), seed=int(d.seed), weights=weights)
+    return tuna_pipeline(
+        streams, tokenizer=tokenizer, patch=int(m.patch), channels=int(m.channels), buckets=((size, size),),
+        row_length=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
+        caption_dropout=float(d.get("caption_dropout", 0.1)), shard_index=process_index, shard_count=process_count)
+
+  return _phased(d, build, shapes.STREAMS)
 
 
-def streams_from_config(config: Any, batch_size: int, process_index: int, process_count: int) -> pipeline.Pipeline:
+def streams_from_config(config: Any, batch_size: int, process_index: int,
+                        process_count: int) -> pipeline.Pipeline | pipeline.Phases:
   """The trainer's "tuna_streams" dataset: your own data. config.data.sources maps a stream (t2i, mmu, edit,
   text) to a source spec (`sources.from_spec`: jsonl:, folder:, array_record:, tfds:); streams with an
   empty spec are not used, the others are mixed by config.data.weights. config.data.tokenizer is a Hugging
@@ -108,8 +129,7 @@ def streams_from_config(config: Any, batch_size: int, process_index: int, proces
   missing = sorted(k for k in specs if float(weights.get(k, 0)) <= 0)
   if missing:
     raise ValueError(f"data 'tuna_streams': config.data.weights has no positive weight for {missing}")
-  streams = [pipeline.Stream(k, sources.from_spec(v, k, key=f"config.data.sources.{k}"), float(weights[k]))
-             for k, v in specs.items()]
+  srcs = {k: sources.from_spec(v, k, key=f"config.data.sources.{k}") for k, v in specs.items()}
   if d.get("tokenizer"):
     import transformers
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(d.tokenizer))
@@ -117,8 +137,13 @@ def streams_from_config(config: Any, batch_size: int, process_index: int, proces
     from unimm_jax.data.tokenizer import shapes_tokenizer
     tokenizer = shapes_tokenizer()
   size = int(d.image_size)
-  return tuna_pipeline(
-      streams, tokenizer=tokenizer, patch=int(m.patch), channels=int(m.channels), buckets=((size, size),),
-      row_length=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
-      caption_dropout=float(d.get("caption_dropout", 0.1)), chat_template=bool(d.get("chat_template", False)),
-      shard_index=process_index, shard_count=process_count)
+
+  def build(weights: dict[str, float]) -> pipeline.Pipeline:
+    streams = [pipeline.Stream(k, srcs[k], weights[k]) for k in srcs if weights.get(k, 0) > 0]
+    return tuna_pipeline(
+        streams, tokenizer=tokenizer, patch=int(m.patch), channels=int(m.channels), buckets=((size, size),),
+        row_length=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
+        caption_dropout=float(d.get("caption_dropout", 0.1)), chat_template=bool(d.get("chat_template", False)),
+        shard_index=process_index, shard_count=process_count)
+
+  return _phased(d, build, list(srcs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+from itertools import islice
 
 import numpy as np
 import pytest
@@ -23,8 +24,8 @@ def tokenizer():
   return shapes_tokenizer()
 
 
-def _pipe(tokenizer, seed=0, window=16, row_length=160, batch_size=3, **kw):
-  streams = [pipeline.Stream(s, shapes.ShapesSource(s, 300), w) for s, w in MIX.items()]
+def _pipe(tokenizer, seed=0, window=16, row_length=160, batch_size=3, mix=MIX, **kw):
+  streams = [pipeline.Stream(s, shapes.ShapesSource(s, 300), w) for s, w in mix.items()]
   prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 16), ((32, 32),))
   return pipeline.Pipeline(streams, prepare, row_length=row_length, batch_size=batch_size, seed=seed,
                            window=window, **kw)
@@ -63,6 +64,35 @@ def test_restored_iterator_state_yields_the_same_next_batches_and_counters(token
     for want in expected:
       _same(next(fresh), want)
     assert fresh.stats() == stats, step
+
+
+def test_phases_switch_the_mix_at_the_step_and_resume_in_either_phase(tokenizer):
+  """A warm-up of 3 batches on t2i alone, then the full mix: the switch is exact in batches (= train steps),
+  the second phase starts its pipeline from the beginning, and a state saved at any step (the boundary
+  included) resumes with the same batches and counters."""
+  warm, full = _pipe(tokenizer, mix={"t2i": 1.0}, window=8), _pipe(tokenizer, window=8)
+  phases = pipeline.Phases([warm, full], [3])
+  it, states, batches, stats = iter(phases), [], [], []
+  for _ in range(6):
+    states.append(json.loads(json.dumps(it.get_state())))
+    batches.append(next(it))
+    stats.append(it.stats())
+  assert [s["phase"] for s in stats] == [0, 0, 0, 1, 1, 1]
+  assert stats[2]["samples/t2i"] == stats[2]["samples"] > 0
+  assert stats[5]["samples/mmu"] > 0 and stats[5]["samples"] > stats[2]["samples"]
+  for got, want in zip(batches, [*islice(iter(warm), 3), *islice(iter(full), 3)]):
+    _same(got, want)
+  for k in range(6):
+    fresh = iter(phases)
+    fresh.set_state(states[k])
+    for j in range(k, 6):
+      _same(next(fresh), batches[j])
+      assert fresh.stats() == stats[j], (k, j)
+    fresh.close()
+  with pytest.raises(ValueError, match="2 pipelines need 1 phase lengths"):
+    pipeline.Phases([warm, full], [])
+  with pytest.raises(ValueError, match="positive numbers of steps"):
+    pipeline.Phases([warm, full], [0])
 
 
 def test_shards_cover_every_record_exactly_once():
@@ -433,10 +463,13 @@ def test_trainer_trains_tuna_on_manifests_and_logs_pipeline_counters(tmp_path):
   config.data.sources.t2i = f"jsonl:{tmp_path / 't2i.jsonl'}"
   config.data.sources.mmu = f"jsonl:{tmp_path / 'mmu.jsonl'}"
   config.steps, config.log_every, config.batch_size = 3, 1, 8
+  config.data.warmup.steps = 2  # t2i alone (the config's warm-up weights) for steps 1-2, then both streams
   config.mesh.ici = (-1, 1, 1)  # data parallel over the tests' 8 CPU devices
   state = trainer.train(config, str(tmp_path / "run"))
   assert int(state.step) == 3
   logged = metrics.read_scalars(str(tmp_path / "run" / "events"))
+  assert [logged["data/phase"][k] for k in (1, 2, 3)] == [0, 0, 1]
+  assert "data/samples/mmu" not in {k for k, v in logged.items() if 2 in v}
   last = {k: v[3] for k, v in logged.items() if 3 in v}
   assert last["data/skipped/missing_file"] >= 1 and last["data/skipped/empty_text"] >= 1
   assert last["data/samples/t2i"] > 0 and last["data/samples/mmu"] > 0 and "data/samples/edit" not in last
@@ -449,3 +482,6 @@ def test_trainer_trains_tuna_on_manifests_and_logs_pipeline_counters(tmp_path):
   config.data.weights.edit = 0.0
   with pytest.raises(ValueError, match=r"no positive weight for \['edit'\]"):
     trainer.train(config, str(tmp_path / "run3"))
+  config.data.sources.edit, config.data.warmup.weights.edit = "", 1.0
+  with pytest.raises(ValueError, match=r"config.data.warmup.weights .* not streams: \['edit'\]"):
+    trainer.train(config, str(tmp_path / "run4"))
