@@ -292,6 +292,9 @@ class DataIterator(grain.DatasetIterator):
     return copy.deepcopy(self._state)
 
   def set_state(self, state: Mapping[str, Any]) -> None:
+    if "phase" in state:
+      raise ValueError("data iterator state is from a curriculum (`Phases`, config.data.warmup) at phase "
+                       f"{state['phase']}; this run has a single mix: resume with the same data config")
     self._halt()
     self._rows.set_state(state)
     self._state, self._counters = copy.deepcopy(dict(state)), dict(self._rows.counters)
@@ -406,6 +409,9 @@ class PhasedIterator(grain.DatasetIterator):
     return {"phase": self._phase, "taken": self._taken, "done": dict(self._done), "pipeline": self._it.get_state()}
 
   def set_state(self, state: Mapping[str, Any]) -> None:
+    if "phase" not in state:
+      raise ValueError("data iterator state is from a single mix; this run is a curriculum (`Phases`, "
+                       "config.data.warmup): resume with the same data config")
     phase = int(state["phase"])
     if not 0 <= phase < len(self._phases.pipelines):
       raise ValueError(f"data iterator state is in phase {phase}; this run has {len(self._phases.pipelines)}")

@@ -89,6 +89,10 @@ def test_phases_switch_the_mix_at_the_step_and_resume_in_either_phase(tokenizer)
       _same(next(fresh), batches[j])
       assert fresh.stats() == stats[j], (k, j)
     fresh.close()
+  with pytest.raises(ValueError, match="state is from a single mix; this run is a curriculum"):
+    iter(phases).set_state(iter(full).get_state())
+  with pytest.raises(ValueError, match="state is from a curriculum .* at phase 1; this run has a single mix"):
+    iter(full).set_state(states[4])
   with pytest.raises(ValueError, match="2 pipelines need 1 phase lengths"):
     pipeline.Phases([warm, full], [])
   with pytest.raises(ValueError, match="positive numbers of steps"):
