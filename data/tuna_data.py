@@ -70,26 +70,34 @@ def tuna_pipeline(streams: list[pipeline.Stream], *, tokenizer: Any, patch: int,
       collate_fn=functools.partial(ts.to_batch, max_spans=max_spans, token_features=patch * patch * channels))
 
 
-def _pixel_model(config: Any, name: str) -> Any:
-  if config.model.space != "pixel":
-    raise ValueError(f"data {name!r} feeds pixel-space TUNA; config.model.space is {config.model.space!r} "
+def _from_config(config: Any, name: str, streams: Callable[[dict[str, float]], list[pipeline.Stream]],
+                 names: Sequence[str], tokenizer: Any, batch_size: int, process_index: int,
+                 process_count: int) -> pipeline.Pipeline | pipeline.Phases:
+  """The packed TUNA batches of data `name`: `streams(config.data.weights)`, after a warm-up of
+  `config.data.warmup.steps` steps on `streams(config.data.warmup.weights)` when that is set (a
+  `pipeline.Phases`). `names` are the streams the run has; config.model must be a pixel-space TUNA."""
+  d, m = config.data, config.model
+  if m.space != "pixel":
+    raise ValueError(f"data {name!r} feeds pixel-space TUNA; config.model.space is {m.space!r} "
                      "(latent TUNA trains on precomputed latents)")
-  return config.model
+  size, patch = int(d.image_size), int(m.patch)
 
+  def build(weights: dict[str, float]) -> pipeline.Pipeline:
+    return tuna_pipeline(
+        streams(weights), tokenizer=tokenizer, patch=patch, channels=int(m.channels), buckets=((size, size),),
+        row_length=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
+        caption_dropout=float(d.get("caption_dropout", 0.1)), chat_template=bool(d.get("chat_template", False)),
+        shard_index=process_index, shard_count=process_count)
 
-def _phased(d: Any, build: Callable[[dict[str, float]], pipeline.Pipeline],
-            streams: Sequence[str]) -> pipeline.Pipeline | pipeline.Phases:
-  """`build(config.data.weights)`, after a warm-up of `config.data.warmup.steps` steps on
-  `config.data.warmup.weights` when that is set (a `pipeline.Phases`)."""
   weights = {k: float(v) for k, v in d.weights.to_dict().items()}
   warmup = d.get("warmup")
   if warmup is None or int(warmup.steps) <= 0:
     return build(weights)
   warm = {k: float(v) for k, v in warmup.weights.to_dict().items() if float(v) > 0}
-  unknown = sorted(set(warm) - set(streams))
+  unknown = sorted(set(warm) - set(names))
   if not warm or unknown:
     raise ValueError(f"config.data.warmup.weights {warmup.weights.to_dict()} must give a positive weight to "
-                     f"some of the run's streams {list(streams)}" + (f"; not streams: {unknown}" if unknown else ""))
+                     f"some of the run's streams {list(names)}" + (f"; not streams: {unknown}" if unknown else ""))
   return pipeline.Phases([build(warm), build(weights)], [int(warmup.steps)])
 
 
@@ -98,17 +106,14 @@ def shapes_from_config(config: Any, batch_size: int, process_index: int,
   """The trainer's "shapes_tuna" dataset, the embedded default: config.data (seq_len, max_spans, image_size,
   weights, optional warmup, seed, num_records, caption_dropout) and config.model (a pixel-space TUNA config)."""
   from unimm_jax.data.tokenizer import shapes_tokenizer  # builds the tokenizer offline, in memory
-  d, m = config.data, _pixel_model(config, "shapes_tuna")
-  size, tokenizer = int(d.image_size), shapes_tokenizer()
+  d = config.data
 
-  def build(weights: dict[str, float]) -> pipeline.Pipeline:
-    streams = pipeline.shapes_streams(size=size, num_records=int(d.num_records), seed=int(d.seed), weights=weights)
-    return tuna_pipeline(
-        streams, tokenizer=tokenizer, patch=int(m.patch), channels=int(m.channels), buckets=((size, size),),
-        row_length=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
-        caption_dropout=float(d.get("caption_dropout", 0.1)), shard_index=process_index, shard_count=process_count)
+  def streams(weights: dict[str, float]) -> list[pipeline.Stream]:
+    return pipeline.shapes_streams(size=int(d.image_size), num_records=int(d.num_records), seed=int(d.seed),
+                                   weights=weights)
 
-  return _phased(d, build, shapes.STREAMS)
+  return _from_config(config, "shapes_tuna", streams, shapes.STREAMS, shapes_tokenizer(), batch_size,
+                      process_index, process_count)
 
 
 def streams_from_config(config: Any, batch_size: int, process_index: int,
@@ -120,13 +125,12 @@ def streams_from_config(config: Any, batch_size: int, process_index: int,
   config.data.chat_template wraps understanding prompts in its chat template. Images are resized and
   centre-cropped to config.data.image_size."""
   from unimm_jax.data import sources
-  d, m = config.data, _pixel_model(config, "tuna_streams")
+  d = config.data
   specs = {k: str(v) for k, v in d.sources.items() if str(v)}
   if not specs:
     raise ValueError("data 'tuna_streams': config.data.sources gives no source; set e.g. "
                      "--config.data.sources.t2i=jsonl:/path/to/captions.jsonl")
-  weights = d.weights.to_dict()
-  missing = sorted(k for k in specs if float(weights.get(k, 0)) <= 0)
+  missing = sorted(k for k in specs if float(d.weights.to_dict().get(k, 0)) <= 0)
   if missing:
     raise ValueError(f"data 'tuna_streams': config.data.weights has no positive weight for {missing}")
   srcs = {k: sources.from_spec(v, k, key=f"config.data.sources.{k}") for k, v in specs.items()}
@@ -136,14 +140,9 @@ def streams_from_config(config: Any, batch_size: int, process_index: int,
   else:
     from unimm_jax.data.tokenizer import shapes_tokenizer
     tokenizer = shapes_tokenizer()
-  size = int(d.image_size)
 
-  def build(weights: dict[str, float]) -> pipeline.Pipeline:
-    streams = [pipeline.Stream(k, srcs[k], weights[k]) for k in srcs if weights.get(k, 0) > 0]
-    return tuna_pipeline(
-        streams, tokenizer=tokenizer, patch=int(m.patch), channels=int(m.channels), buckets=((size, size),),
-        row_length=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
-        caption_dropout=float(d.get("caption_dropout", 0.1)), chat_template=bool(d.get("chat_template", False)),
-        shard_index=process_index, shard_count=process_count)
+  def streams(weights: dict[str, float]) -> list[pipeline.Stream]:
+    return [pipeline.Stream(k, srcs[k], weights[k]) for k in srcs if weights.get(k, 0) > 0]
 
-  return _phased(d, build, list(srcs))
+  return _from_config(config, "tuna_streams", streams, list(srcs), tokenizer, batch_size, process_index,
+                      process_count)
