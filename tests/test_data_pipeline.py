@@ -489,6 +489,7 @@ def test_trainer_trains_tuna_on_manifests_and_logs_pipeline_counters(tmp_path):
   config.data.sources.edit, config.data.warmup.weights.edit = "", 1.0
   with pytest.raises(ValueError, match=r"config.data.warmup.weights .* not streams: \['edit'\]"):
     trainer.train(config, str(tmp_path / "run4"))
-  config.data.warmup.weights.edit, config.model.space = 0.0, "latent"
+  # the space is checked before any source or tokenizer is opened: this tokenizer does not exist
+  config.data.warmup.weights.edit, config.model.space, config.data.tokenizer = 0.0, "latent", "/nowhere/tokenizer"
   with pytest.raises(ValueError, match=r"data 'tuna_streams' feeds pixel-space TUNA; config.model.space is 'latent'"):
     trainer.train(config, str(tmp_path / "run5"))
