@@ -20,6 +20,7 @@ from einops import rearrange
 
 from unimm_jax.data import pipeline, shapes
 from unimm_jax.data import tuna_sequences as ts
+from unimm_jax.models import tuna
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +71,16 @@ def tuna_pipeline(streams: list[pipeline.Stream], *, tokenizer: Any, patch: int,
       collate_fn=functools.partial(ts.to_batch, max_spans=max_spans, token_features=patch * patch * channels))
 
 
-def _check_pixel_space(config: Any, name: str) -> None:
-  """Raises unless config.model is pixel-space TUNA; run first, before any source or tokenizer is opened."""
-  if config.model.space != "pixel":
-    raise ValueError(f"data {name!r} feeds pixel-space TUNA; config.model.space is {config.model.space!r} "
+def _check_model(config: Any, name: str) -> None:
+  """Raises unless config.model is pixel-space TUNA whose position tables cover the images' token grid; run
+  first, before any source or tokenizer is opened."""
+  m = config.model
+  if m.space != "pixel":
+    raise ValueError(f"data {name!r} feeds pixel-space TUNA; config.model.space is {m.space!r} "
                      "(latent TUNA trains on precomputed latents)")
+  grid = int(config.data.image_size) // int(m.patch)
+  tuna.TunaConfig.from_dict(m.to_dict()).check_grid(
+      grid, grid, f"data {name!r}: config.data.image_size {config.data.image_size} / config.model.patch {m.patch}")
 
 
 def _from_config(config: Any, name: str, streams: Callable[[dict[str, float]], list[pipeline.Stream]],
@@ -83,7 +89,7 @@ def _from_config(config: Any, name: str, streams: Callable[[dict[str, float]], l
   """The packed TUNA batches of data `name`: `streams(config.data.weights)`, after a warm-up of
   `config.data.warmup.steps` steps on `streams(config.data.warmup.weights)` when that is set (a
   `pipeline.Phases`). `names` are the streams the run has; config.model is a pixel-space TUNA
-  (`_check_pixel_space`)."""
+  (`_check_model`)."""
   d, m = config.data, config.model
   size, patch = int(d.image_size), int(m.patch)
 
@@ -111,7 +117,7 @@ def shapes_from_config(config: Any, batch_size: int, process_index: int,
   """The trainer's "shapes_tuna" dataset, the embedded default: config.data (seq_len, max_spans, image_size,
   weights, optional warmup, seed, num_records, caption_dropout) and config.model (a pixel-space TUNA config)."""
   from unimm_jax.data.tokenizer import shapes_tokenizer  # builds the tokenizer offline, in memory
-  _check_pixel_space(config, "shapes_tuna")
+  _check_model(config, "shapes_tuna")
   d = config.data
 
   def streams(weights: dict[str, float]) -> list[pipeline.Stream]:
@@ -131,7 +137,7 @@ def streams_from_config(config: Any, batch_size: int, process_index: int,
   config.data.chat_template wraps understanding prompts in its chat template. Images are resized and
   centre-cropped to config.data.image_size."""
   from unimm_jax.data import sources
-  _check_pixel_space(config, "tuna_streams")
+  _check_model(config, "tuna_streams")
   d = config.data
   specs = {k: str(v) for k, v in d.sources.items() if str(v)}
   if not specs:

@@ -445,6 +445,17 @@ def test_source_specs_pick_the_reader_and_name_the_key_at_fault(tmp_path):
     sources.from_spec("tfds:shapes", "t2i")
 
 
+def test_shapes_dataset_refuses_images_past_the_models_position_tables():
+  from configs import tuna_tiny
+  from unimm_jax.data import tuna_data
+  config = tuna_tiny.get_config("smoke")
+  assert config.model.patch_positions == 2 and len(next(iter(tuna_data.shapes_from_config(config, 2, 0, 1)))) > 0
+  config.data.image_size = 64  # a 4x4 token grid at 16-px patches
+  with pytest.raises(ValueError, match=r"data 'shapes_tuna': config.data.image_size 64 / config.model.patch 16: "
+                                       r"an image of 4x4 tokens is larger than TunaConfig.patch_positions = 2"):
+    tuna_data.shapes_from_config(config, 2, 0, 1)
+
+
 def test_trainer_trains_tuna_on_manifests_and_logs_pipeline_counters(tmp_path):
   """`data.name = "tuna_streams"`: a user's JSONL manifests (bad lines included) train the tiny TUNA; the
   pipeline's counters (skips by reason, packing efficiency) and the input wait land in the run's metrics."""

@@ -26,9 +26,9 @@ def _noised(cfg, rows, key=0, row_length=64):
   return obj.noise_batch(b, jax.random.key(key), obj.FlowConfig())
 
 
-@pytest.mark.parametrize("encoder", ["patch", "siglip"])
-def test_packed_row_equals_each_sample_alone(encoder):
-  cfg = tuna_tiny.config(encoder)
+@pytest.mark.parametrize("encoder,kw", [("patch", {}), ("patch", {"patch_positions": 3}), ("siglip", {})])
+def test_packed_row_equals_each_sample_alone(encoder, kw):
+  cfg = tuna_tiny.config(encoder, **kw)
   model = tuna.Tuna(cfg)
   samples = tuna_tiny.samples(cfg)
   packed = _noised(cfg, [samples])
@@ -57,6 +57,40 @@ def test_packed_row_equals_each_sample_alone(encoder):
                                              "segment_ids": alone["segment_ids"], "x1": alone["x1"]}), obj.FlowConfig())
     got, _ = obj.tuna_loss(ref, alone, obj.normalizers(alone), obj.FlowConfig())
     np.testing.assert_allclose(want, got, atol=1e-5, rtol=0)
+
+
+def test_patch_positions_add_the_row_and_column_tables_and_convert_both_ways():
+  """TunaConfig.patch_positions: the stem adds row[h] + column[w] to each image token (so one patch gets a
+  different embedding in each cell), the key map carries the tables both ways, and grids past them are refused."""
+  from unimm_jax.convert import engine
+  from unimm_jax.convert.maps import tuna as tuna_map
+  from unimm_jax.sampling.tuna import FlowSamplerConfig, TunaSampler
+  cfg = tuna_tiny.config("patch", patch_positions=3)
+  params = nn.meta.unbox(tuna.Tuna(cfg).init(jax.random.key(0), _noised(cfg, [tuna_tiny.samples(cfg)]))["params"])
+  enc = params["vision_encoder"]
+  d, o = cfg.llm.embed, cfg.token_features
+  thw = jnp.asarray([[(0, h, w) for h in range(3) for w in range(2)]])
+  x = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (o,)), (1, 6, o))
+  plain = tuna.PatchEncoder(d, cfg.patch, cfg.channels).apply(
+      {"params": {k: v for k, v in enc.items() if k not in ("row_embedding", "column_embedding")}}, x, thw)
+  placed = tuna.PatchEncoder(d, cfg.patch, cfg.channels, 3).apply({"params": enc}, x, thw)
+  want = enc["row_embedding"][thw[0, :, 1]] + enc["column_embedding"][thw[0, :, 2]]
+  np.testing.assert_allclose(placed[0] - plain[0], want, atol=1e-6)
+  assert float(jnp.abs(placed[0, 0] - placed[0, 1]).max()) > 1e-3  # same patch, next column
+
+  flat = engine.flatten(jax.tree.map(np.asarray, params))
+  state = engine.export(flat, tuna_map.rules(cfg))
+  assert state["vision_encoder.row_embedding.weight"].shape == (3, d)
+  back = engine.convert({k: (lambda v=v: v) for k, v in state.items()}, tuna_map.rules(cfg),
+                        {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()})
+  for k, v in flat.items():
+    np.testing.assert_array_equal(np.asarray(back[k]), v, err_msg=k)
+
+  sampler = TunaSampler(tuna.Tuna(cfg), params, tuna_tiny.TOK)
+  with pytest.raises(ValueError, match=r"TunaSampler: an image of 4x2 tokens .*patch_positions = 3"):
+    sampler.text_to_image([[10, 11]], (4, 2), FlowSamplerConfig(steps=2))
+  with pytest.raises(ValueError, match=r"patch_positions 3 needs encoder 'patch'.* encoder is 'siglip'"):
+    tuna_tiny.config("siglip", patch_positions=3)
 
 
 def test_understanding_only_batch_has_zero_flow_loss_not_nan():

@@ -61,12 +61,18 @@ class TunaConfig(DictConfig):
   space: str = "latent"                              # latent (a VAE encodes images) | pixel
   channels: int = 48                                 # channels of the generated space
   patch: int = 1                                     # image token = patch x patch of the generated space
+  # > 0: learned row and column embeddings added to the patch stem's image tokens, for token grids up to this
+  # many a side (our addition, not in TUNA-2: configs/tuna_tiny.py says why); 0: none, as TUNA-2
+  patch_positions: int = 0
   prediction: str = "velocity"                       # velocity (TUNA) | x0 (TUNA-2)
   time_frequency_dim: int = 256
 
   def __post_init__(self):
     if self.encoder not in ENCODERS:
       raise ValueError(f"TunaConfig.encoder {self.encoder!r} is not one of {ENCODERS}")
+    if self.patch_positions and self.encoder != "patch":
+      raise ValueError(f"TunaConfig.patch_positions {self.patch_positions} needs encoder 'patch' (SigLIP has its "
+                       f"own position embeddings); encoder is {self.encoder!r}")
     if self.prediction not in PREDICTIONS:
       raise ValueError(f"TunaConfig.prediction {self.prediction!r} is not one of {PREDICTIONS}")
     if self.encoder == "siglip" and self.siglip is None:
@@ -77,6 +83,12 @@ class TunaConfig(DictConfig):
     if self.siglip is not None and self.siglip.patch * self.siglip.patch * self.siglip.channels != self.token_features:
       raise ValueError(f"TunaConfig: SigLIP patches of {self.siglip.patch}x{self.siglip.patch}x{self.siglip.channels} "
                        f"do not match image tokens of {self.token_features} values")
+
+  def check_grid(self, h: int, w: int, where: str) -> None:
+    """Raises if an h x w token grid has rows or columns past the patch stem's position tables."""
+    if self.patch_positions and max(h, w) > self.patch_positions:
+      raise ValueError(f"{where}: an image of {h}x{w} tokens is larger than TunaConfig.patch_positions = "
+                       f"{self.patch_positions}, the patch stem's learned row/column tables")
 
   @property
   def token_features(self) -> int:
@@ -99,23 +111,34 @@ class TunaOutput:
 
 
 class PatchEncoder(nn.Module):
-  """TUNA-2 stem: a stride-p patch embedding (a dense [p p c d] kernel, the conv's HWIO) + RMSNorm."""
+  """TUNA-2 stem: a stride-p patch embedding (a dense [p p c d] kernel, the conv's HWIO) + RMSNorm, plus
+  learned row and column embeddings when `positions` > 0 (TunaConfig.patch_positions)."""
 
   features: int
   patch: int
   channels: int
+  positions: int = 0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """[b t (p p c)] -> [b t d]."""
+  def __call__(self, x: jax.Array, thw: jax.Array) -> jax.Array:
+    """[b t (p p c)], (frame, row, column) [b t 3] -> [b t d]."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = rearrange(x, "b t (p q c) -> b t p q c", p=self.patch, q=self.patch)
     h = DenseGeneral((self.patch, self.patch, self.channels), (self.features,), (None, None, None, "embed"),
                      use_bias=True, name="patch_embedding", **kw)(x)
     # torch.nn.RMSNorm(eps=None) uses the dtype's machine epsilon
-    return RMSNorm(self.features, float(jnp.finfo(jnp.float32).eps), name="norm", **kw)(h)
+    h = RMSNorm(self.features, float(jnp.finfo(jnp.float32).eps), name="norm", **kw)(h)
+    if not self.positions:
+      return h
+    # std 1, the scale of the normed patch embedding: at the noisy t where sampling places objects, that
+    # embedding is of near-pure noise, and a 0.02 table stayed drowned in it (a linear read-out of the token's
+    # column from the LLM input at t = 0.02: 0.67, chance 0.5); configs/tuna_tiny.py has the runs
+    init = nn.with_logical_partitioning(nn.initializers.normal(1.0), (None, "embed"))
+    rows, cols = (self.param(n, init, (self.positions, self.features), self.param_dtype)
+                  for n in ("row_embedding", "column_embedding"))
+    return h + (rows[thw[..., 1]] + cols[thw[..., 2]]).astype(h.dtype)
 
 
 class SiglipProjector(nn.Module):
@@ -146,7 +169,7 @@ class Tuna(nn.Module):
       self.vision_model = siglip.VisionTransformer(cfg.siglip)
       self.siglip_proj = SiglipProjector(cfg.siglip.embed, cfg.llm.embed, **kw)
     else:
-      self.vision_encoder = PatchEncoder(cfg.llm.embed, cfg.patch, cfg.channels, **kw)
+      self.vision_encoder = PatchEncoder(cfg.llm.embed, cfg.patch, cfg.channels, cfg.patch_positions, **kw)
     self.time_embed = TimestepEmbedder(cfg.head.embed, cfg.time_frequency_dim, **kw)
     self.diffusion_head_a = [ModulatedBlock(cfg.head, name=f"diffusion_head_a_{i}") for i in range(cfg.head.depth)]
     self.diffusion_head_b = FinalLayer(cfg.head)
@@ -157,7 +180,7 @@ class Tuna(nn.Module):
     image = (batch["span_ids"] > 0) & ~batch["time_slot"]
     x_t = batch["x_t"]
     if cfg.encoder == "patch":
-      return self.vision_encoder(x_t)
+      return self.vision_encoder(x_t, batch["thw"])
     seg = jnp.where(image, batch["span_ids"], 0)
     width = jnp.maximum(gather_spans(batch["span_hw"], batch["span_ids"], 0)[..., 1], 1)
     pos = batch["thw"][..., 1] * width + batch["thw"][..., 2]

@@ -99,6 +99,7 @@ class TunaSampler:
     rows, _ = _rows(samples)
     max_spans = max(int(r["span_ids"].max()) for r in rows)
     b = ts.to_batch(rows, max_spans=max(max_spans, 1), token_features=self.module.cfg.token_features)
+    self.module.cfg.check_grid(*np.asarray(b["span_hw"]).reshape(-1, 2).max(0), "TunaSampler")
     b = {k: jnp.asarray(v) for k, v in b.items()}
     b["span_t_clean"] = jnp.ones(b["span_clean"].shape, jnp.float32)
     return b

@@ -37,6 +37,8 @@ RULES_PATCH = (
     (r"vision_encoder\.patch_embedding\.weight", "vision_encoder/patch_embedding/kernel", T.conv2d),
     (r"vision_encoder\.patch_embedding\.bias", "vision_encoder/patch_embedding/bias", T.identity),
     (r"vision_encoder\.norm\.weight", "vision_encoder/norm/scale", T.identity),
+    # TunaConfig.patch_positions > 0: our learned row/column tables (nn.Embedding-style), not in TUNA-2
+    (r"vision_encoder\.(row|column)_embedding\.weight", r"vision_encoder/\1_embedding", T.identity),
     *_HEAD,
 )
 # Non-persistent buffers some exports keep; `vae.*` is converted separately.
