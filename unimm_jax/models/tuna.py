@@ -217,7 +217,7 @@ class Tuna(nn.Module):
     return TunaOutput(logits=out.logits, prediction=prediction.astype(jnp.float32), hidden_states=out.hidden_states)
 
 
-def example_batch(cfg: tuna.TunaConfig, row_length: int, max_spans: int, batch: int = 1) -> dict[str, np.ndarray]:
+def example_batch(cfg: TunaConfig, row_length: int, max_spans: int, batch: int = 1) -> dict[str, np.ndarray]:
   """A zero batch of the model's input shapes, with clean patches x1 (data.tuna_sequences.to_batch);
   `model_inputs` adds x_t and span_t for init and abstract shapes."""
   o = cfg.token_features
