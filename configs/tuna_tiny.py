@@ -27,7 +27,8 @@ steps, where an image token is near-pure noise and knows its cell only through t
 below 0.1 4% of the time, so the loss hardly pays for reading the cell word there. Either change alone left
 placement at chance (tables: 0.32; noisier t with tables at std 0.02, drowned in the noise embedding: 0.26);
 together, placement 0.26 -> 0.98, generation overall 0.62 -> 0.65, shape answers 0.68 -> 0.90, position answers
-0.56 -> 0.88, editing 0.065 -> 0.25, colour answers 1.00 -> 0.76 (one `make demo` run a config; README).
+0.56 -> 0.88, editing 0.065 -> 0.25, colour answers 1.00 -> 0.76 (seed 0; seed 1 placed 0.88 and answered
+colours 0.82, shapes 0.72; docs/demo.md).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       name="shapes_tuna", seq_len=SEQ_LEN, max_spans=MAX_SPANS, images_per_row=8, image_size=IMAGE_SIZE, seed=0,
       num_records=10_000, caption_dropout=0.1, weights=dict(t2i=0.5, edit=0.12, mmu=0.3, text=0.08),
       # Off: a t2i-only warm-up of 1000 (1600) steps raised generation position 0.04 -> 0.14 (0.18) but lowered
-      # understanding 0.80 -> 0.65 (0.60) and did not teach the cells (placement 0.30 / 0.24; README).
+      # understanding 0.80 -> 0.65 (0.60) and did not teach the cells (placement 0.30 / 0.24; docs/demo.md).
       warmup=dict(steps=0, weights=dict(t2i=1.0, edit=0.0, mmu=0.0, text=0.0)),
       # name="tuna_streams" trains on your own data instead (data/README.md, section 7):
       # --config.data.name=tuna_streams --config.data.sources.t2i=jsonl:/path/captions.jsonl
