@@ -15,6 +15,7 @@ Record (numpy, shapes per row):
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import grain
 import numpy as np
@@ -75,3 +76,10 @@ def dataset(source: SyntheticTokens, batch_per_process: int, *, process_index: i
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
   # Global step g is the P consecutive per-process batches g*P .. g*P + P-1; this process takes its own.
   return ds.batch(batch_per_process, drop_remainder=True)[process_index::process_count].to_iter_dataset()
+
+
+def from_config(config: Any, batch_per_process: int, process_index: int, process_count: int) -> grain.IterDataset:
+  """Dataset "synthetic_tokens" (unimm_jax.registry): config.data.{num_records, seq_len, vocab, seed}."""
+  d = config.data
+  src = SyntheticTokens(int(d.num_records), int(d.seq_len), int(d.vocab), seed=int(d.seed))
+  return dataset(src, batch_per_process, process_index=process_index, process_count=process_count, seed=int(d.seed))

@@ -51,7 +51,7 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from unimm_jax import sharding
+  from unimm_jax import registry, sharding
   from unimm_jax.training import metrics, trainer
 
   config = FLAGS.config
@@ -67,7 +67,7 @@ def main(argv):
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     s = trainer.build(config, mesh, rules)
     state = s.init(jax.random.PRNGKey(0))
-    data = iter(trainer.DATASETS[config.data.name](config, config.batch_size, 0, 1))
+    data = iter(registry.dataset(config.data.name)(config, config.batch_size, 0, 1))
     batch = s.global_batch(next(data))
     t = time.perf_counter()
     compiled = s.step.lower(state, batch).compile()

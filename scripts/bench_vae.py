@@ -28,7 +28,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from unimm_jax.convert import engine, hf  # noqa: E402
+from unimm_jax import registry
+from unimm_jax.convert.family import abstract_params
+from unimm_jax.convert import engine  # noqa: E402
 
 TINY_KL = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1, sample_size=32)
@@ -42,11 +44,11 @@ FULL_WAN = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, 
 
 
 def _convert(ref: torch.nn.Module, family: str):
-  fam = hf.FAMILIES[family]
+  fam = registry.family(family)
   cfg = fam.config_from_hf(dict(ref.config))
-  abstract = engine.flatten(hf.abstract_params(fam, cfg))
+  abstract = engine.flatten(abstract_params(fam, cfg))
   src = {k: (lambda v=v: v.detach().numpy()) for k, v in ref.state_dict().items()}
-  params = jax.tree.map(jnp.asarray, engine.unflatten(engine.convert(src, fam.rules, abstract)))
+  params = jax.tree.map(jnp.asarray, engine.unflatten(engine.convert(src, fam.rules(cfg), abstract)))
   return fam.module(cfg), params
 
 
@@ -134,9 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     return {"rows": rows, "memory": mem}
   m = args.mem_size
   mem = {f"KL {m}^2 (tile {kl.cfg.sample_size})": decode_memory(
-             kl, kl_params, (m // kl.cfg.downscale,) * 2, kl.cfg.latent_channels, video=False),
+             kl, kl_params, (m // kl.cfg.spatial_downscale,) * 2, kl.cfg.latent_channels, video=False),
          f"Wan2.2 {m}^2 frame (tile {wan.cfg.tile_sample_min_size * wan.cfg.patch})": decode_memory(
-             wan, wan_params, (m // wan.cfg.scale_factor_spatial,) * 2, wan.cfg.z_dim, video=True)}
+             wan, wan_params, (m // wan.cfg.spatial_downscale,) * 2, wan.cfg.latent_channels, video=True)}
   print(f"\n{'decode memory (XLA, MiB)':34s} {'temp untiled':>12s} {'temp tiled':>10s} {'ratio':>6s} "
         f"{'total untiled':>13s} {'total tiled':>11s}")
   for case, d in mem.items():

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import transformers
 
+from unimm_jax.convert.family import abstract_params
 from unimm_jax.convert import engine, hf
 from unimm_jax.data import vision
 from unimm_jax.models import siglip
@@ -50,7 +51,7 @@ def ours_from(ref: torch.nn.Module, dtype: str = "float32"):
   fam = hf.family_for_model_type(ref.config.model_type, "bench")
   cfg = dataclasses.replace(siglip.config_from_hf(ref.config), dtype=dtype)
   state = {k: (lambda v=v: v.detach().numpy()) for k, v in ref.state_dict().items()}
-  params = engine.convert(state, fam.rules, engine.flatten(hf.abstract_params(fam, cfg)), ignore=fam.ignore(cfg))
+  params = engine.convert(state, fam.rules(cfg), engine.flatten(abstract_params(fam, cfg)), ignore=fam.ignore(cfg))
   return siglip.VisionTransformer(cfg), jax.tree.map(jnp.asarray, engine.unflatten(params))
 
 

@@ -1,5 +1,5 @@
-"""Chat with a converted (or HF) LLM checkpoint using its tokenizer's chat template, or ask a TUNA
-checkpoint about an image.
+"""Chat with a converted (or HF) LLM checkpoint using its tokenizer's chat template, or ask a checkpoint of a
+family with an image pipeline (TUNA) about an image.
 
   python scripts/chat.py --ckpt DIR --prompt "Why is the sky blue?" [--max_new_tokens 128]
       [--temperature 0.7 --top_p 0.9 --top_k 50] [--system "..."] [--seed 0]
@@ -26,7 +26,7 @@ flags.DEFINE_integer("top_k", 0, "0 = off")
 flags.DEFINE_float("top_p", 1.0, "1 = off")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (LLM checkpoints)")
-flags.DEFINE_string("image", None, "an image to ask about (TUNA checkpoints)")
+flags.DEFINE_string("image", None, "an image to ask about (checkpoints of a family with an image pipeline)")
 
 
 def encode(tokenizer, prompt: str, system: str | None) -> list[int]:
@@ -37,9 +37,8 @@ def encode(tokenizer, prompt: str, system: str | None) -> list[int]:
   return tokenizer(prompt)["input_ids"]
 
 
-def ask_tuna() -> None:
-  from unimm_jax.sampling import tuna as tuna_sampling
-  model = tuna_sampling.load(FLAGS.ckpt)
+def ask_about_image() -> None:
+  model = unimm_jax.load_pipeline(FLAGS.ckpt)
   img = model.read_image(FLAGS.image)
   bar = tqdm(total=FLAGS.max_new_tokens, desc="decode", unit="tok", file=sys.stderr)
   answers = model.answer([img] * len(FLAGS.prompt), FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
@@ -54,8 +53,8 @@ def main(argv):
   del argv
   if FLAGS.image:
     try:
-      return ask_tuna()
-    except (ValueError, OSError) as e:
+      return ask_about_image()
+    except (ValueError, OSError, unimm_jax.ConversionError) as e:
       print(f"chat: error: {e}", file=sys.stderr)
       sys.exit(2)
   model = unimm_jax.load(FLAGS.ckpt, dtype=FLAGS.dtype)

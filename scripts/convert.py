@@ -8,81 +8,53 @@
   python scripts/convert.py --tuna 2b --src tuna.safetensors --tokenizer QWEN_DIR --dst OUT_DIR
   # TUNA stage 1 from pretrained parts (Qwen2.5 HF dir, SigLIP HF dir, Wan 2.2 VAE dir or .pth)
   python scripts/convert.py --tuna 2b --llm QWEN_DIR --siglip SIGLIP_DIR --vae VAE --dst OUT_DIR
+
+A release without a config.json is converted by its family's `Reference` (unimm_jax/convert/family.py): each
+such family of unimm_jax.registry adds its flag (--tuna, --wan_vae, ...) and the part flags it reads.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-
+from unimm_jax import registry
 from unimm_jax.convert import hf
 from unimm_jax.convert.errors import ConversionError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "HF model directory (import), converted directory (--export) or TUNA weights")
+flags.DEFINE_string("src", None, "HF model directory (import), converted directory (--export) or release weights")
 flags.DEFINE_string("dst", None, "destination directory (written atomically)", required=True)
 flags.DEFINE_bool("export", False, "export a converted checkpoint back to HF safetensors + config.json")
 flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"], "stored dtype (default: the source's)")
 flags.DEFINE_bool("overwrite", False, "replace an existing destination")
-flags.DEFINE_string("tuna", None, "TUNA variant of configs/tuna.py (tiny, 2b, 7b, tuna2_7b)")
-flags.DEFINE_string("tokenizer", None, "TUNA: directory whose tokenizer files are copied (default: --llm)")
-flags.DEFINE_string("llm", None, "TUNA from parts: Qwen2.5 HF directory")
-flags.DEFINE_string("siglip", None, "TUNA from parts: SigLIP / SigLIP2 HF directory")
-flags.DEFINE_string("wan_vae", None, "preset (wan2.1, wan2.2, tuna) of an original Wan VAE .pth given as --src")
-flags.DEFINE_string("vae", None, "TUNA: Wan 2.2 VAE (diffusers directory, or the original Wan2.2_VAE.pth)")
 
-
-def convert_tuna() -> dict:
-  import jax
-
-  from configs import tuna as tuna_configs
-  from unimm_jax.convert import engine, sources
-  from unimm_jax.convert import tuna as tuna_convert
-  from unimm_jax.convert.maps import vae_wan as vae_wan_map
-  from unimm_jax.models import vae_wan
-  cfg = tuna_configs.model_config(FLAGS.tuna)
-  vae_cfg = vae_wan.preset("tuna") if cfg.space == "latent" else None
-  vae_params = None
-  if FLAGS.src:
-    cfg, params, vae_params = tuna_convert.convert_reference(FLAGS.src, cfg, vae_cfg, place=jax.device_put)
-  else:
-    if not FLAGS.llm:
-      raise app.UsageError("--tuna needs --src (reference weights) or --llm [--siglip] [--vae] (parts)")
-    cfg, params = tuna_convert.init_from_parts(cfg, llm=FLAGS.llm, siglip=FLAGS.siglip)
-  if FLAGS.vae and vae_params is None:
-    if os.path.isdir(FLAGS.vae):
-      _, vae_cfg, vae_params = hf.convert_hf(FLAGS.vae, latent_shift="std")
-    else:  # the original Wan2.2_VAE.pth
-      abstract = engine.flatten(hf.abstract_params(hf.FAMILIES["vae_wan"], vae_cfg))
-      vae_params = engine.unflatten(engine.convert(
-          sources.open_weights(FLAGS.vae), vae_wan_map.original_rules(vae_cfg), abstract, where=FLAGS.vae))
-  if cfg.space == "latent" and vae_params is None:
-    raise app.UsageError(f"TUNA {FLAGS.tuna} generates VAE latents: pass --vae (or weights that include vae.*)")
-  tuna_convert.save(FLAGS.dst, cfg, params, vae_cfg=vae_cfg, vae_params=vae_params,
-                    tokenizer=FLAGS.tokenizer or FLAGS.llm, overwrite=FLAGS.overwrite)
-  return {"family": "tuna", "variant": FLAGS.tuna, "vocab": cfg.llm.vocab, "vae": vae_params is not None}
+REFERENCES = [fam.reference for fam in registry.families() if fam.reference is not None]
+PARTS: dict[str, str] = {}
+for _ref in REFERENCES:
+  flags.DEFINE_string(_ref.flag, None, _ref.help)
+  PARTS.update({name: help for name, help in _ref.parts.items() if name not in PARTS})
+for _name, _help in PARTS.items():
+  flags.DEFINE_string(_name, None, _help)
 
 
 def main(argv):
   del argv
+  chosen = [ref for ref in REFERENCES if FLAGS[ref.flag].value]
+  if len(chosen) > 1:
+    raise app.UsageError(f"pass one of {', '.join('--' + r.flag for r in chosen)}")
   try:
-    if FLAGS.tuna:
-      report = convert_tuna()
+    if chosen:
+      ref = chosen[0]
+      parts = {name: FLAGS[name].value for name in ref.parts}
+      stray = [f"--{n}" for n in PARTS if FLAGS[n].value and n not in ref.parts]
+      if stray:
+        raise app.UsageError(f"--{ref.flag} does not read {', '.join(stray)}")
+      report = registry.resolve(ref.convert)(FLAGS[ref.flag].value, FLAGS.src, FLAGS.dst, parts, FLAGS.overwrite)
     elif not FLAGS.src:
       raise app.UsageError("--src is required")
-    elif FLAGS.wan_vae:
-      from unimm_jax.convert import original
-      from unimm_jax.models import vae_wan
-      try:
-        cfg = vae_wan.preset(FLAGS.wan_vae)
-      except ValueError as e:
-        raise app.UsageError(f"--wan_vae: {e}") from None
-      report = original.convert_wan_vae_to_orbax(FLAGS.src, FLAGS.dst, cfg, overwrite=FLAGS.overwrite)
     elif FLAGS.export:
       report = hf.export_to_hf(FLAGS.src, FLAGS.dst, overwrite=FLAGS.overwrite)
     else:

@@ -61,7 +61,7 @@ def main(argv):
   from unimm_jax.data import shapes_eval
   from unimm_jax.data.tokenizer import shapes_tokenizer
   from unimm_jax.models import tuna
-  from unimm_jax.sampling import tuna as tuna_sampling
+  import unimm_jax
   from unimm_jax.training import trainer
 
   config, workdir = FLAGS.config, FLAGS.workdir
@@ -75,10 +75,10 @@ def main(argv):
   with tempfile.TemporaryDirectory() as tok_dir:
     shapes_tokenizer().save_pretrained(tok_dir)
     tuna_convert.save(export, cfg, params, tokenizer=tok_dir, overwrite=True)
-  model = tuna_sampling.load(export)
+  model = unimm_jax.load_pipeline(export)
   sc = config.sample
-  flow = tuna_sampling.FlowSamplerConfig(steps=sc.steps, guidance=sc.guidance, shift=sc.shift)
-  generate_fn, answer_fn, edit_fn = eval_shapes.tuna_fns(model, flow, config.data.image_size)
+  flow = model.sampler_config(steps=sc.steps, guidance=sc.guidance, shift=sc.shift)
+  generate_fn, answer_fn, edit_fn = eval_shapes.pipeline_fns(model, flow, config.data.image_size)
 
   labelled_grid(generate_fn(PROMPTS), PROMPTS).save(os.path.join(workdir, "samples.png"))
   t1 = time.perf_counter()

@@ -73,8 +73,8 @@ def score_folder(ev: shapes_eval.ShapesEval, folder: str) -> dict[str, Any]:
   return report
 
 
-def tuna_fns(model, flow, size: int) -> tuple[Callable, Callable, Callable]:
-  """generate_fn, answer_fn, edit_fn of `shapes_eval.evaluate` for a loaded TUNA (sampling.tuna.load)."""
+def pipeline_fns(model, flow, size: int) -> tuple[Callable, Callable, Callable]:
+  """generate_fn, answer_fn, edit_fn of `shapes_eval.evaluate` for a loaded pipeline (unimm_jax.load_pipeline)."""
   def generate_fn(prompts):
     return model.generate(prompts, (size, size), flow)
 
@@ -88,10 +88,10 @@ def tuna_fns(model, flow, size: int) -> tuple[Callable, Callable, Callable]:
 
 
 def evaluate_checkpoint(path: str, args: argparse.Namespace) -> dict[str, Any]:
-  from unimm_jax.sampling import tuna as tuna_sampling
-  model = tuna_sampling.load(path)
-  flow = tuna_sampling.FlowSamplerConfig(steps=args.steps, guidance=args.guidance, shift=args.shift)
-  return shapes_eval.evaluate(*tuna_fns(model, flow, args.size), size=args.size, seed=args.seed,
+  import unimm_jax
+  model = unimm_jax.load_pipeline(path)
+  flow = model.sampler_config(steps=args.steps, guidance=args.guidance, shift=args.shift)
+  return shapes_eval.evaluate(*pipeline_fns(model, flow, args.size), size=args.size, seed=args.seed,
                               per_category=args.per_category)
 
 

@@ -1,7 +1,9 @@
-"""Text-to-image with a converted TUNA checkpoint; writes one PNG per prompt (and a grid).
+"""Text-to-image with a converted checkpoint of any family that generates (its `Family.pipeline`); writes one
+PNG per prompt (and a grid).
 
   python scripts/sample.py --ckpt DIR --prompt "a red circle on the left" [--prompt ...]
       [--size 512x512] [--steps 50] [--guidance 7.5] [--shift 3] [--negative ""] [--seed 0] [--out samples/]
+Sampling flags left out take the family's defaults (TUNA: 50 steps, guidance 7.5, shift 3).
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
-from unimm_jax.sampling import tuna as tuna_sampling
+import unimm_jax
+from unimm_jax.convert.errors import ConversionError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("ckpt", None, "converted TUNA directory", required=True)
+flags.DEFINE_string("ckpt", None, "converted checkpoint directory", required=True)
 flags.DEFINE_multi_string("prompt", None, "prompt (repeat for several images)", required=True)
 flags.DEFINE_string("negative", "", "negative / null prompt for classifier-free guidance")
 flags.DEFINE_string("size", None, "HxW in pixels, a multiple of the token size (default: 32 tokens a side)")
-flags.DEFINE_integer("steps", 50, "time grid points (steps - 1 model evaluations)")
-flags.DEFINE_float("guidance", 7.5, "classifier-free guidance scale (1 = off)")
-flags.DEFINE_float("shift", 3.0, "time-grid warp t / (t + s - s t)")
+flags.DEFINE_integer("steps", None, "time grid points (steps - 1 model evaluations)")
+flags.DEFINE_float("guidance", None, "classifier-free guidance scale (1 = off)")
+flags.DEFINE_float("shift", None, "time-grid warp t / (t + s - s t)")
 flags.DEFINE_integer("seed", 0, "noise seed")
 flags.DEFINE_string("out", "samples", "output directory")
 
@@ -43,12 +46,12 @@ def parse_size(size: str | None, downsample: int) -> tuple[int, int]:
 def main(argv):
   del argv
   try:
-    model = tuna_sampling.load(FLAGS.ckpt)
-  except (ValueError, OSError) as e:
+    model = unimm_jax.load_pipeline(FLAGS.ckpt)
+    cfg = model.sampler_config(steps=FLAGS.steps, shift=FLAGS.shift, guidance=FLAGS.guidance)
+  except (ValueError, OSError, ConversionError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)
   size = parse_size(FLAGS.size, model.downsample)
-  cfg = tuna_sampling.FlowSamplerConfig(steps=FLAGS.steps, shift=FLAGS.shift, guidance=FLAGS.guidance)
   images = model.generate(FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True)
   os.makedirs(FLAGS.out, exist_ok=True)
   for i, (prompt, img) in enumerate(zip(FLAGS.prompt, images)):

@@ -19,7 +19,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from unimm_jax.training import metrics, trainer  # noqa: E402
+from unimm_jax import registry  # noqa: E402
+from unimm_jax.training import metrics  # noqa: E402
 
 
 def load_sweep(path: str):
@@ -33,7 +34,7 @@ def run_table(sweep, family: str, root: str) -> list[dict]:
   rows = []
   for arg in sweep.runs(family):
     config = sweep.get_config(arg)
-    task = trainer.TASKS[config.task](config)
+    task = registry.task(config.task)(config)
     workdir = os.path.join(root, arg)
     losses = metrics.read_scalars(os.path.join(workdir, "events")).get("loss", {})
     rows.append(dict(arg=arg, workdir=workdir, steps=config.steps, params=_num_params(task),

@@ -12,6 +12,8 @@ import torch
 import transformers
 
 import hf_tiny
+from unimm_jax import registry
+from unimm_jax.convert.family import abstract_params
 import unimm_jax
 from unimm_jax.convert import hf
 from unimm_jax.convert.safetensors_writer import save_safetensors
@@ -143,9 +145,9 @@ def test_restore_refuses_a_checkpoint_of_another_shape(hf_dir, tmp_path):
   from unimm_jax import checkpoint
   hf.convert_to_orbax(hf_dir[1], str(tmp_path / "ours"))
   meta = checkpoint.read_meta(str(tmp_path / "ours"))
-  cfg = hf.FAMILIES["qwen"].config_cls.from_dict({**meta["config"], "depth": 3})
+  cfg = registry.family("qwen").config_cls.from_dict({**meta["config"], "depth": 3})
   with pytest.raises(unimm_jax.ConversionError, match=r"missing: \['layers_2/"):
-    checkpoint.restore(str(tmp_path / "ours"), hf.abstract_params(hf.FAMILIES["qwen"], cfg))
+    checkpoint.restore(str(tmp_path / "ours"), abstract_params(registry.family("qwen"), cfg))
 
 
 def run_script(*args):

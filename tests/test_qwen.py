@@ -11,8 +11,10 @@ import torch
 import transformers
 
 import hf_tiny
+from unimm_jax import registry
+from unimm_jax.convert.family import abstract_params
 from unimm_jax import sharding
-from unimm_jax.convert import engine, hf
+from unimm_jax.convert import engine
 from unimm_jax.convert.maps import qwen as qwen_map
 from unimm_jax.models import qwen
 
@@ -22,7 +24,7 @@ def convert_state_dict(ref, cfg: qwen.QwenConfig, prefixes=None) -> dict:
   if prefixes:
     state = {next((new + k[len(old):] for old, new in prefixes.items() if k.startswith(old)), k): v
              for k, v in state.items()}
-  abstract = engine.flatten(hf.abstract_params(hf.FAMILIES["qwen"], cfg))
+  abstract = engine.flatten(abstract_params(registry.family("qwen"), cfg))
   ignore = qwen_map.IGNORE_TIED if cfg.tie_embeddings else qwen_map.IGNORE
   return engine.unflatten(engine.convert(state, qwen_map.RULES, abstract, ignore=ignore))
 

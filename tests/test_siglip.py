@@ -14,6 +14,8 @@ import torch
 import transformers
 
 import hf_tiny
+from unimm_jax import registry
+from unimm_jax.convert.family import abstract_params
 import unimm_jax
 from unimm_jax import checkpoint, sharding
 from unimm_jax.convert import engine, hf
@@ -43,8 +45,8 @@ def convert(ref, cfg=None):
   fam = hf.family_for_model_type(ref.config.model_type, "test")
   cfg = cfg or siglip.config_from_hf(ref.config)
   state = {k: (lambda v=v: v.detach().numpy()) for k, v in ref.state_dict().items()}
-  abstract = engine.flatten(hf.abstract_params(fam, cfg))
-  return cfg, engine.unflatten(engine.convert(state, fam.rules, abstract, ignore=fam.ignore(cfg)))
+  abstract = engine.flatten(abstract_params(fam, cfg))
+  return cfg, engine.unflatten(engine.convert(state, fam.rules(cfg), abstract, ignore=fam.ignore(cfg)))
 
 
 def nchw(x: np.ndarray) -> torch.Tensor:
@@ -243,7 +245,7 @@ def test_fused_in_proj_split_must_read_every_slice():
   ref = hf_siglip(4, 16)
   cfg = siglip.config_from_hf(ref.config)
   state = {k: (lambda v=v: v.detach().numpy()) for k, v in ref.state_dict().items()}
-  abstract = engine.flatten(hf.abstract_params(hf.FAMILIES["siglip"], cfg))
+  abstract = engine.flatten(abstract_params(registry.family("siglip"), cfg))
   no_v = tuple(r for r in siglip_map.RULES_SIGLIP if not r[1].startswith("head/attention/v_proj"))
   with pytest.raises(ConversionError, match=r"in_proj_weight'.*slices \[0, 1\] of 3"):
     engine.convert(state, no_v, abstract, ignore=siglip_map.ignore(cfg))

@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from configs import qwen_lm  # noqa: E402
+from unimm_jax import registry
 from unimm_jax import sharding  # noqa: E402
 from unimm_jax.training import lm, metrics, optim, trainer  # noqa: E402
 from unimm_jax.training.task import Task  # noqa: E402
@@ -33,7 +34,7 @@ def tiny_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def batches(config, n=1):
-  it = iter(trainer.DATASETS[config.data.name](config, config.batch_size, 0, 1))
+  it = iter(registry.dataset(config.data.name)(config, config.batch_size, 0, 1))
   return [next(it) for _ in range(n)]
 
 
@@ -180,7 +181,7 @@ def with_scale(batch, value):
 
 @pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_counted(monkeypatch):
-  monkeypatch.setitem(trainer.TASKS, "lm_scaled", scaled_lm)
+  monkeypatch.setitem(registry.TASKS, "lm_scaled", scaled_lm)
   config = tiny_config(task="lm_scaled")
   data = [with_scale(b, v) for b, v in zip(batches(config, 3), [1.0, np.nan, 1.0])]
   _, (state1, state2, state3), outs, _ = run(config, (2, 2, 2), data=data)
@@ -196,10 +197,10 @@ def test_nonfinite_step_is_skipped_and_counted(monkeypatch):
 
 @pytest.mark.slow
 def test_nonfinite_stop_checkpoints_the_last_good_state_and_raises(monkeypatch, tmp_path):
-  monkeypatch.setitem(trainer.TASKS, "lm_scaled", scaled_lm)
+  monkeypatch.setitem(registry.TASKS, "lm_scaled", scaled_lm)
 
   def nan_at_3(config, per_process, index, count):
-    it = iter(trainer.DATASETS["synthetic_tokens"](config, per_process, index, count))
+    it = iter(registry.dataset("synthetic_tokens")(config, per_process, index, count))
     return (with_scale(next(it), np.nan if i == 2 else 1.0) for i in range(10**6))
 
   class Resumable:  # grain's checkpoint handler stores get_state() bytes of non-grain iterators
@@ -219,7 +220,7 @@ def test_nonfinite_stop_checkpoints_the_last_good_state_and_raises(monkeypatch, 
     def set_state(self, state):
       raise AssertionError("not resumed in this test")
 
-  monkeypatch.setitem(trainer.DATASETS, "nan_at_3", Resumable)
+  monkeypatch.setitem(registry.DATASETS, "nan_at_3", Resumable)
   config = tiny_config(task="lm_scaled", nonfinite="stop", steps=6)
   config.data.name = "nan_at_3"
   config.mesh.ici = (2, 2, 2)
@@ -272,8 +273,8 @@ def test_peak_flops_from_device_kind_or_override():
 
 def test_processes_read_their_own_rows_that_stack_to_the_one_process_batch():
   config = tiny_config()
-  one = next(iter(trainer.DATASETS["synthetic_tokens"](config, 8, 0, 1)))
-  two = [next(iter(trainer.DATASETS["synthetic_tokens"](config, 4, i, 2))) for i in range(2)]
+  one = next(iter(registry.dataset("synthetic_tokens")(config, 8, 0, 1)))
+  two = [next(iter(registry.dataset("synthetic_tokens")(config, 4, i, 2))) for i in range(2)]
   for key in one:
     np.testing.assert_array_equal(np.concatenate([t[key] for t in two]), one[key])
   seg, labels = one["segment_ids"], one["labels"]
@@ -308,7 +309,7 @@ def test_checkpoints_keep_the_last_k_and_every_mth_and_restore_the_data_position
   from unimm_jax.training import checkpointing
   config = tiny_config()
   config.checkpoint.update(every=1, keep=2, keep_every=4)
-  data = iter(trainer.DATASETS["synthetic_tokens"](config, 2, 0, 1))
+  data = iter(registry.dataset("synthetic_tokens")(config, 2, 0, 1))
   mngr = checkpointing.manager(str(tmp_path), config.checkpoint)
   for step in range(1, 11):
     next(data)
@@ -316,7 +317,7 @@ def test_checkpoints_keep_the_last_k_and_every_mth_and_restore_the_data_position
   mngr.wait_until_finished()
   assert sorted(mngr.all_steps()) == [4, 8, 9, 10]
   want = next(data)
-  fresh = iter(trainer.DATASETS["synthetic_tokens"](config, 2, 0, 1))
+  fresh = iter(registry.dataset("synthetic_tokens")(config, 2, 0, 1))
   abstract = {"w": jax.ShapeDtypeStruct((3,), np.float32)}
   restored = checkpointing.restore(mngr, 10, abstract, fresh)
   np.testing.assert_array_equal(restored["w"], 10.0)

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
 from configs import qwen_lm  # noqa: E402
+from unimm_jax import registry  # noqa: E402
 from unimm_jax.training import metrics, trainer  # noqa: E402
 
 OVERRIDES = {"steps": 8, "checkpoint.every": 3, "log_every": 1}
@@ -61,9 +62,10 @@ CHILD = """
 import os, signal, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import test_train_resume as t
+from unimm_jax import registry
 from unimm_jax.training import trainer
-trainer.DATASETS["synthetic_tokens"] = t.SignalAt(trainer.DATASETS["synthetic_tokens"], {at}, {after},
-                                                  signal.SIGKILL, {workdir!r})
+registry.DATASETS["synthetic_tokens"] = t.SignalAt(registry.dataset("synthetic_tokens"), {at}, {after},
+                                                   signal.SIGKILL, {workdir!r})
 trainer.train(t.tiny(), {workdir!r})
 """
 
@@ -92,8 +94,8 @@ def test_resume_after_sigkill_gives_bitwise_equal_losses(reference, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_at_the_step_boundary_and_resume_matches(reference, tmp_path, monkeypatch):
   workdir = str(tmp_path)
-  monkeypatch.setitem(trainer.DATASETS, "synthetic_tokens",
-                      SignalAt(trainer.DATASETS["synthetic_tokens"], 5, 3, signal.SIGTERM, workdir))
+  monkeypatch.setitem(registry.DATASETS, "synthetic_tokens",
+                      SignalAt(registry.dataset("synthetic_tokens"), 5, 3, signal.SIGTERM, workdir))
   state = trainer.train(tiny(), workdir)  # returns normally after saving step 5
   assert int(state.step) == 5
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["3", "5"]

@@ -200,9 +200,9 @@ def test_modulated_block_equals_the_reference_formula():
   seg = jnp.ones((1, L), jnp.int32)
   fn = tuna_head.tuna_rope_fn(cfg, jnp.arange(L)[None], jnp.asarray(span_ids)[None], jnp.asarray(time_slot)[None],
                               jnp.asarray(thw)[None])
-  args = (jnp.asarray(x), jnp.asarray(cond), jnp.asarray(span_ids)[None], fn, seg)
+  args = (jnp.asarray(x), None, jnp.asarray(cond), jnp.asarray(span_ids)[None], fn, seg)
   params = _randomize(block.init(jax.random.key(0), *args)["params"], seed=3)
-  ours = np.asarray(block.apply({"params": params}, *args))[0]
+  ours = np.asarray(block.apply({"params": params}, *args)[0])[0]
 
   P = jax.tree.map(lambda a: torch.from_numpy(np.array(a)), params)
   xt = torch.from_numpy(x[0])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from unimm_jax.convert.family import DIFFUSERS_WEIGHTS
 import unimm_jax
 from unimm_jax import sharding
 from unimm_jax.convert import hf
@@ -99,11 +100,11 @@ def test_tiled_output_stays_close_to_untiled_on_stationary_input():
 def test_latent_scaling_matches_flux_and_sdxl_pipelines():
   z = jax.random.normal(jax.random.key(0), (1, 2, 2, 16))
   flux = vae_kl.AutoencoderKL(vae_kl.preset("flux"))
-  scaled = flux.apply({}, z, method="scale_latents")
+  scaled = flux.apply({}, z, method="normalize")
   np.testing.assert_allclose(scaled, (z - 0.1159) * 0.3611, atol=1e-6)
-  np.testing.assert_allclose(flux.apply({}, scaled, method="unscale_latents"), z, atol=1e-5)
+  np.testing.assert_allclose(flux.apply({}, scaled, method="denormalize"), z, atol=1e-5)
   sdxl = vae_kl.AutoencoderKL(vae_kl.preset("sdxl"))
-  np.testing.assert_allclose(sdxl.apply({}, z[..., :4], method="scale_latents"), z[..., :4] * 0.13025, atol=1e-6)
+  np.testing.assert_allclose(sdxl.apply({}, z[..., :4], method="normalize"), z[..., :4] * 0.13025, atol=1e-6)
 
 
 def test_diffusers_folder_loads_directly_and_after_conversion(tmp_path):
@@ -124,7 +125,7 @@ def test_legacy_attention_names_load_and_export_reloads_in_diffusers(tmp_path):
   from safetensors.torch import load_file, save_file
   ref = autoencoder_kl()
   ref.save_pretrained(tmp_path / "hf")
-  weights = tmp_path / "hf" / hf.DIFFUSERS_WEIGHTS
+  weights = tmp_path / "hf" / DIFFUSERS_WEIGHTS
   legacy = {k.replace("to_q.", "query.").replace("to_k.", "key.").replace("to_v.", "value.")
              .replace("to_out.0.", "proj_attn."): v for k, v in load_file(weights).items()}
   assert any(".proj_attn." in k for k in legacy)

@@ -195,10 +195,14 @@ def test_latent_normalisation_per_channel_and_tuna_quirk():
   mean, std = np.asarray(vae_wan.WAN22_MEAN), np.asarray(vae_wan.WAN22_STD)
   wan = vae_wan.WanVAE(vae_wan.preset("wan2.2"))
   np.testing.assert_allclose(wan.apply({}, z, method="normalize"), (z - mean) / std, rtol=1e-5, atol=1e-6)
-  tuna = vae_wan.WanVAE(vae_wan.preset("tuna"))
-  normed = tuna.apply({}, z, method="normalize")
+  from unimm_jax.models import tuna  # TUNA's setting, not the codec's (configs/tuna.py "2b" is latent TUNA)
+  from configs import tuna as tuna_configs
+  norm = tuna_configs.model_config("2b").latent_norm(vae_wan.preset("wan2.2"))
+  normed = norm.apply(z)
   np.testing.assert_allclose(normed, (z - std) / std, rtol=1e-5, atol=1e-6)   # TUNA: mean = std
-  np.testing.assert_allclose(tuna.apply({}, normed, method="denormalize"), z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(norm.invert(normed), z, rtol=1e-5, atol=1e-5)
+  assert tuna.TunaConfig.from_dict({**tuna_configs.model_config("2b").to_dict(), "latent_stats": "codec"}).latent_norm(
+      vae_wan.preset("wan2.2")) == vae_wan.preset("wan2.2").latent_norm()
 
 
 def test_params_carry_conv_axes_from_the_vocabulary():

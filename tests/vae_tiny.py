@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from unimm_jax.convert import engine, hf
+from unimm_jax import registry
+from unimm_jax.convert.family import abstract_params
+from unimm_jax.convert import engine
 
 KL_TINY = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1, sample_size=32)
@@ -53,11 +55,11 @@ def autoencoder_wan(version: str, **kw) -> diffusers.AutoencoderKLWan:
 
 def convert(ref: torch.nn.Module, family: str, rules=None) -> tuple:
   """diffusers model -> (our config, params) through OUR converter and the family's table."""
-  fam = hf.FAMILIES[family]
+  fam = registry.family(family)
   cfg = fam.config_from_hf(dict(ref.config))
-  abstract = engine.flatten(hf.abstract_params(fam, cfg))
+  abstract = engine.flatten(abstract_params(fam, cfg))
   source = {k: (lambda v=v: v.detach().numpy()) for k, v in ref.state_dict().items()}
-  params = engine.unflatten(engine.convert(source, rules or fam.rules, abstract))
+  params = engine.unflatten(engine.convert(source, rules or fam.rules(cfg), abstract))
   return cfg, jax.tree.map(jnp.asarray, params)
 
 

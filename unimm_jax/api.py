@@ -9,9 +9,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from unimm_jax import checkpoint
+from unimm_jax import checkpoint, registry
 from unimm_jax.convert import hf
 from unimm_jax.convert.errors import ConversionError
+from unimm_jax.convert.family import abstract_params
 
 
 @dataclasses.dataclass
@@ -39,14 +40,11 @@ def load(path: str, **config_overrides) -> Loaded:
   if not os.path.isdir(path):
     raise ConversionError(f"{path}: no such directory")
   if checkpoint.is_converted(path):
-    meta = checkpoint.read_meta(path)
-    if meta.get("family") not in hf.FAMILIES:
-      raise ConversionError(f"{path}: unknown family {meta.get('family')!r}; known: {sorted(hf.FAMILIES)}")
-    fam = hf.FAMILIES[meta["family"]]
-    cfg = fam.config_cls.from_dict(meta["config"])
+    fam = hf.family_of(path)
+    cfg = fam.config_cls.from_dict(checkpoint.read_meta(path)["config"])
     loop_cfg = dataclasses.replace(cfg, **{k: v for k, v in config_overrides.items() if k != "scan_layers"})
-    params = checkpoint.restore(path, hf.abstract_params(fam, dataclasses.replace(loop_cfg, scan_layers=False))
-                                if hasattr(cfg, "scan_layers") else hf.abstract_params(fam, loop_cfg))
+    params = checkpoint.restore(path, abstract_params(fam, dataclasses.replace(loop_cfg, scan_layers=False))
+                                if hasattr(cfg, "scan_layers") else abstract_params(fam, loop_cfg))
   else:
     fam, loop_cfg, params = hf.convert_hf(path, **{k: v for k, v in config_overrides.items() if k != "scan_layers"})
     params = jax.tree.map(jax.numpy.asarray, params)
@@ -56,3 +54,18 @@ def load(path: str, **config_overrides) -> Loaded:
   # A vision tower's directory may carry its text tower's tokenizer (SigLIP): not ours to load.
   tokenizer = _tokenizer(path) if fam.reads_text else None
   return Loaded(module=fam.module(cfg), params=params, config=cfg, family=fam.name, tokenizer=tokenizer)
+
+
+def load_pipeline(path: str) -> Any:
+  """A checkpoint's sampling pipeline, chosen by its family (`Family.pipeline`): what scripts/sample.py, edit.py
+  and chat.py --image drive. It has `generate(prompts, size, cfg)`, `edit(images, instructions, cfg)`,
+  `answer(images, questions)`, `read_image(path)` and `sampler_config(**overrides)` (None = the family default)."""
+  if not os.path.isdir(path):
+    raise ConversionError(f"{path}: no such directory")
+  fam = hf.family_of(path) if checkpoint.is_converted(path) else hf.family_for_model_type(
+      hf.model_type_of(hf.read_hf_config(path)), os.path.join(path, "config.json"))
+  if fam.pipeline is None:
+    raise ConversionError(f"{path}: a {fam.name!r} checkpoint; that family has no generation or image-understanding "
+                          f"pipeline (families with one: "
+                          f"{sorted(f.name for f in registry.families() if f.pipeline)})")
+  return registry.resolve(fam.pipeline)(path)

@@ -230,3 +230,48 @@ def prefixed(rules: Sequence[Rule], source_prefix: str, target_prefix: str) -> t
   """A family's rules nested in a bigger checkpoint: `source_prefix` (a regex of literals) before each
   source key, `target_prefix` before each target path (e.g. TUNA's `tuna.` LLM under `llm/`)."""
   return tuple((source_prefix + src, target_prefix + dst, t) for src, dst, t in rules)
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+  """One sub-model of a bundled checkpoint: its key map (rules, ignore) and the flat abstract params it fills.
+  A part that is not `required` may be absent from the checkpoint (no key under its prefix)."""
+
+  rules: Sequence[Rule]
+  abstract: Mapping[str, jax.ShapeDtypeStruct]
+  ignore: Sequence[str] = ()
+  required: bool = True
+
+
+def convert_bundle(source: Mapping[str, Callable[[], np.ndarray]], parts: Mapping[str, Part], *,
+                   where: str = "checkpoint", place: Callable[[np.ndarray], object] | None = None
+                   ) -> dict[str, dict[str, np.ndarray] | None]:
+  """A checkpoint whose key prefixes hold sub-models -> {prefix: flat params of that part, or None if absent}.
+
+  `parts` is the declaration {prefix: Part} (TUNA: {"": the TUNA map, "vae.model.": the original Wan map}); each
+  key goes to the part of the longest prefix it starts with ("" takes the rest) and is read without that prefix.
+  Problems of every part are raised together.
+  """
+  prefixes = sorted(parts, key=len, reverse=True)
+  routed: dict[str, dict[str, Callable[[], np.ndarray]]] = {p: {} for p in parts}
+  unrouted = []
+  for key in source:
+    prefix = next((p for p in prefixes if key.startswith(p)), None)
+    if prefix is None:
+      unrouted.append(key)
+    else:
+      routed[prefix][key[len(prefix):]] = source[key]
+  problems = [f"unexpected key {k!r} (under none of the prefixes {sorted(parts)})" for k in unrouted[:20]]
+  out: dict[str, dict[str, np.ndarray] | None] = {}
+  for prefix, part in parts.items():
+    if not routed[prefix] and not part.required:
+      out[prefix] = None
+      continue
+    try:
+      out[prefix] = convert(routed[prefix], part.rules, part.abstract, ignore=part.ignore,
+                            where=f"{where} [{prefix or 'main'}]", place=place)
+    except ConversionError as e:
+      problems.append(str(e))
+  if problems:
+    raise ConversionError(f"{where}: " + "\n".join(problems))
+  return out

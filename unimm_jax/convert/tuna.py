@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from unimm_jax import checkpoint
-from unimm_jax.convert import engine, hf, sources
+from unimm_jax import api, checkpoint
+from unimm_jax.convert import engine, hf, original, sources
 from unimm_jax.convert.errors import ConversionError
+from unimm_jax.convert.family import abstract_params
 from unimm_jax.convert.maps import tuna as tuna_map
 from unimm_jax.convert.maps import vae_wan as vae_wan_map
 from unimm_jax.models import tuna, vae_wan
@@ -31,24 +33,20 @@ def convert_reference(weights: str, cfg: tuna.TunaConfig, vae_cfg: vae_wan.WanVA
                       place=None) -> tuple[tuna.TunaConfig, dict, dict | None]:
   """Reference state dict -> (config with the checkpoint's vocabulary, TUNA params, VAE params or None).
 
-  The vocabulary is read from the checkpoint (TUNA resizes Qwen's for its added tokens).
+  The vocabulary is read from the checkpoint (TUNA resizes Qwen's for its added tokens). The bundle holds
+  the TUNA model and, for latent TUNA, its frozen Wan 2.2 VAE under `vae.model.*` in the original naming.
   """
   src = sources.open_weights(weights)
   emb = "tuna.model.embed_tokens.weight"
   if emb not in src.shapes:
     raise ConversionError(f"{weights}: no {emb!r}; is this a tuna-2 checkpoint? (first keys: {list(src)[:5]})")
   cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab=src.shapes[emb][0]))
-  abstract = engine.flatten(hf.abstract_params(hf.FAMILIES["tuna"], cfg))
-  params = engine.convert(src, tuna_map.rules(cfg), abstract, ignore=tuna_map.ignore(cfg), where=weights, place=place)
-  vae_keys = {k[len(VAE_PREFIX):]: src[k] for k in src if k.startswith(VAE_PREFIX)}
-  vae_params = None
-  if vae_keys:
-    vae_cfg = vae_cfg or vae_wan.preset("tuna")
-    vae_abstract = engine.flatten(hf.abstract_params(hf.FAMILIES["vae_wan"], vae_cfg))
-    vae_params = engine.unflatten(engine.convert(
-        vae_keys, vae_wan_map.original_rules(vae_cfg), vae_abstract, where=f"{weights} (vae.*)",
-        place=place))
-  return cfg, engine.unflatten(params), vae_params
+  fam = tuna_map.FAMILY
+  parts = {"": engine.Part(fam.rules(cfg), engine.flatten(abstract_params(fam, cfg)), fam.ignore(cfg)),
+           VAE_PREFIX: vae_wan_map.original_part(vae_cfg or vae_wan.preset("wan2.2"), required=False)}
+  out = engine.convert_bundle(src, parts, where=weights, place=place)
+  vae_params = out[VAE_PREFIX] and engine.unflatten(out[VAE_PREFIX])
+  return cfg, engine.unflatten(out[""]), vae_params
 
 
 def init_from_parts(cfg: tuna.TunaConfig, *, llm: str, siglip: str | None = None, seed: int = 0) -> tuple[tuna.TunaConfig, dict]:
@@ -56,7 +54,6 @@ def init_from_parts(cfg: tuna.TunaConfig, *, llm: str, siglip: str | None = None
   new rows = mean of the old ones, as transformers' resize_token_embeddings), the first layers of a
   pretrained SigLIP/SigLIP2 tower with a fresh patch embedding and position table (the reference keeps
   them random too: their shapes differ), everything else freshly initialised."""
-  from unimm_jax import api  # the loader imports this module's family table
   llm_loaded = api.load(llm)
   if llm_loaded.family != "qwen":
     raise ConversionError(f"{llm}: expected a Qwen2/2.5 LLM, got family {llm_loaded.family!r}")
@@ -112,6 +109,33 @@ def save(dst: str, cfg: tuna.TunaConfig, params: dict, *, vae_cfg: vae_wan.WanVA
 
 def load_vae(path: str) -> Any:
   """The VAE stored beside a converted TUNA (None for the pixel variants)."""
-  from unimm_jax import api
   vae_path = os.path.join(path, VAE_DIR)
   return api.load(vae_path) if os.path.isdir(vae_path) else None
+
+
+def convert_cli(variant: str, src: str | None, dst: str, parts: Mapping[str, str | None], overwrite: bool) -> dict:
+  """`scripts/convert.py --tuna VARIANT`: a reference checkpoint (--src [--tokenizer]) or a stage-1 model from
+  parts (--llm [--siglip] [--vae]); latent TUNA needs its VAE (in the checkpoint's vae.* or --vae)."""
+  try:
+    cfg = tuna.variant(variant)
+  except ValueError as e:
+    raise ConversionError(f"--tuna: {e}") from None
+  vae_cfg = vae_wan.preset("wan2.2") if cfg.space == "latent" else None
+  vae_params = None
+  if src:
+    cfg, params, vae_params = convert_reference(src, cfg, vae_cfg, place=jax.device_put)
+  elif parts.get("llm"):
+    cfg, params = init_from_parts(cfg, llm=parts["llm"], siglip=parts.get("siglip"))
+  else:
+    raise ConversionError("--tuna needs --src (reference weights) or --llm [--siglip] [--vae] (parts)")
+  vae = parts.get("vae")
+  if vae and vae_params is None:
+    if os.path.isdir(vae):
+      _, vae_cfg, vae_params = hf.convert_hf(vae)
+    else:  # the original Wan2.2_VAE.pth
+      vae_params = original.convert_wan_vae(vae, vae_cfg)
+  if cfg.space == "latent" and vae_params is None:
+    raise ConversionError(f"TUNA {variant} generates VAE latents: pass --vae (or weights that include vae.*)")
+  save(dst, cfg, params, vae_cfg=vae_cfg, vae_params=vae_params, tokenizer=parts.get("tokenizer") or parts.get("llm"),
+       overwrite=overwrite)
+  return {"family": "tuna", "variant": variant, "vocab": cfg.llm.vocab, "vae": vae_params is not None}

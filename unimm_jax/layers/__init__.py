@@ -1,6 +1,6 @@
 """Layers written once and shared by every model family."""
 
-from unimm_jax.layers.attention import Attention
+from unimm_jax.layers.attention import Attention, JointAttention
 from unimm_jax.layers.embed import Embed
 from unimm_jax.layers.linear import DenseGeneral
 from unimm_jax.layers.mlp import MLP, GatedMLP, activation
@@ -10,7 +10,7 @@ from unimm_jax.layers.norms import GroupNorm, L2Norm
 from unimm_jax.layers.rope import apply_rope, inv_frequencies, rope_angles, rope_angles_mrope
 
 __all__ = [
-    "Attention", "DenseGeneral", "Embed", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "activation",
+    "Attention", "JointAttention", "DenseGeneral", "Embed", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "activation",
     "apply_rope", "inv_frequencies", "rope_angles", "rope_angles_mrope",
     "CausalConv3D", "Conv", "GroupNorm", "L2Norm",
 ]

@@ -1,12 +1,14 @@
-"""Multi-head self-attention with GQA, optional q/k/v biases and q/k RMSNorm, and a KV cache.
+"""Multi-head attention: self-attention with GQA, q/k/v biases, q/k RMSNorm and a KV cache; cross-attention
+over another sequence; and joint attention over several streams with their own projections (MMDiT / FLUX).
 
-Shapes: b batch, t tokens, s cache slots, d embed, h|k query|kv heads, e head_dim.
-Positions are injected as `rope_fn(x [b t h e]) -> [b t h e]`, so the same layer serves 1D RoPE,
+Shapes: b batch, t tokens, s cache slots or kv tokens, d embed, c kv input width, h|k query|kv heads,
+e head_dim. Positions are injected as `rope_fn(x [b t h e]) -> [b t h e]`, so the same layer serves 1D RoPE,
 M-RoPE, TUNA's 3D RoPE or no RoPE. The attention itself is `unimm_jax.kernels.attention`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -21,7 +23,7 @@ RopeFn = Callable[[jax.Array], jax.Array]
 
 
 class Attention(nn.Module):
-  """[b t d] -> [b t d]. Params q_proj/k_proj/v_proj [d h|k e], o_proj [h e d], q_norm/k_norm [e]."""
+  """[b t d] -> [b t d]. Params q_proj [d h e], k_proj/v_proj [c k e], o_proj [h e d], q_norm/k_norm [e]."""
 
   features: int
   heads: int
@@ -31,6 +33,7 @@ class Attention(nn.Module):
   o_bias: bool = False
   qk_norm: bool = False
   norm_eps: float = 1e-6
+  kv_features: int | None = None     # c, the width of a cross-attention kv input (default: features)
   impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -40,6 +43,7 @@ class Attention(nn.Module):
       self,
       x: jax.Array,
       *,
+      kv: jax.Array | None = None,
       rope_fn: RopeFn | None = None,
       segment_ids: jax.Array | None = None,
       span_ids: jax.Array | None = None,
@@ -50,15 +54,21 @@ class Attention(nn.Module):
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """Returns (output, updated cache or None).
 
-    Without `cache`: attention over x itself. With `cache` ({"k", "v"}: [b s k e]) the new k/v are
-    written at `cache_index`; if `kv_segment_ids` [b s] is given (decode) the queries attend over the
-    whole cache with it as the key mask, otherwise (prefill from slot 0) over x itself.
+    Self-attention (kv None), without `cache`: attention over x itself. With `cache` ({"k", "v"}: [b s k e])
+    the new k/v are written at `cache_index`; if `kv_segment_ids` [b s] is given (decode) the queries attend
+    over the whole cache with it as the key mask, otherwise (prefill from slot 0) over x itself.
+    Cross-attention: k/v come from `kv` [b s c], masked by its own `kv_segment_ids` [b s] (0 = padding;
+    default: all valid); `segment_ids` [b t] then only marks padded queries; no cache, causality or spans.
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, h, k, e = self.features, self.heads, self.kv_heads, self.head_dim
+    if kv is not None and (cache is not None or causal or span_ids is not None):
+      raise ValueError(f"{self.name}: cross-attention (kv) takes no cache, causal mask or span_ids")
+    src = x if kv is None else kv
+    c = self.kv_features or d
     q = DenseGeneral((d,), (h, e), ("embed", "heads", "head_dim"), self.qkv_bias, name="q_proj", **kw)(x)
-    key = DenseGeneral((d,), (k, e), ("embed", "kv_heads", "head_dim"), self.qkv_bias, name="k_proj", **kw)(x)
-    val = DenseGeneral((d,), (k, e), ("embed", "kv_heads", "head_dim"), self.qkv_bias, name="v_proj", **kw)(x)
+    key = DenseGeneral((c,), (k, e), ("embed", "kv_heads", "head_dim"), self.qkv_bias, name="k_proj", **kw)(src)
+    val = DenseGeneral((c,), (k, e), ("embed", "kv_heads", "head_dim"), self.qkv_bias, name="v_proj", **kw)(src)
     if self.qk_norm:  # Qwen3 / TUNA head: RMSNorm per head, before RoPE
       q = RMSNorm(e, self.norm_eps, name="q_norm", **kw)(q)
       key = RMSNorm(e, self.norm_eps, name="k_norm", **kw)(key)
@@ -75,7 +85,11 @@ class Attention(nn.Module):
           "k": jax.lax.dynamic_update_slice(cache["k"], key.astype(cache["k"].dtype), start),
           "v": jax.lax.dynamic_update_slice(cache["v"], val.astype(cache["v"].dtype), start),
       }
-    if cache is not None and kv_segment_ids is not None:
+    if kv is not None:
+      if segment_ids is None and kv_segment_ids is not None:
+        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+      out = kernels.attention(q, key, val, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, impl=self.impl)
+    elif cache is not None and kv_segment_ids is not None:
       out = kernels.attention(
           q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype), segment_ids=segment_ids,
           kv_segment_ids=kv_segment_ids, impl=self.impl)
@@ -85,3 +99,60 @@ class Attention(nn.Module):
     out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     y = DenseGeneral((h, e), (d,), ("heads", "head_dim", "embed"), self.o_bias, name="o_proj", **kw)(out)
     return y, new_cache
+
+
+class JointAttention(nn.Module):
+  """One attention over the concatenation of several token streams, each with its own q/k/v/o projections and
+  q/k RMSNorms (SD3 MMDiT, FLUX double-stream blocks): a list of [b t_i d_i] -> a list of [b t_i d].
+
+  Submodule `streams[i]` holds stream i's q_proj/k_proj/v_proj [d_i h e], q_norm/k_norm [e] and o_proj
+  [h e d] (no o_proj where `outputs[i]` is False: the last MMDiT block drops the context's). RoPE, if
+  given, rotates the concatenated q and k in stream order (FLUX: text ids then image ids).
+  """
+
+  features: int
+  heads: int
+  head_dim: int
+  streams: tuple[str, ...]
+  in_features: tuple[int, ...] | None = None   # d_i of each stream (default: features)
+  outputs: tuple[bool, ...] | None = None      # which streams get an o_proj (default: all)
+  qkv_bias: bool = True
+  o_bias: bool = True
+  qk_norm: bool = True
+  norm_eps: float = 1e-6
+  impl: str = "auto"
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, xs: list[jax.Array], *, rope_fn: RopeFn | None = None,
+               segment_ids: jax.Array | None = None) -> list[jax.Array | None]:
+    """xs in stream order; segment_ids [b sum(t_i)] over the concatenation (0 = padding) or None.
+    Returns each stream's output ([b t_i d], or the attention output [b t_i h e] where it has no o_proj)."""
+    if len(xs) != len(self.streams):
+      raise ValueError(f"{self.name}: {len(xs)} inputs for streams {self.streams}")
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h, e = self.heads, self.head_dim
+    dims = self.in_features or (self.features,) * len(xs)
+    outputs = self.outputs or (True,) * len(xs)
+    qs, ks, vs = [], [], []
+    for name, d, x in zip(self.streams, dims, xs):
+      proj = lambda n, d=d, name=name: DenseGeneral(  # noqa: E731
+          (d,), (h, e), ("embed", "heads", "head_dim"), self.qkv_bias, name=f"{name}_{n}", **kw)
+      q, key, val = proj("q_proj")(x), proj("k_proj")(x), proj("v_proj")(x)
+      if self.qk_norm:
+        q = RMSNorm(e, self.norm_eps, name=f"{name}_q_norm", **kw)(q)
+        key = RMSNorm(e, self.norm_eps, name=f"{name}_k_norm", **kw)(key)
+      qs.append(q), ks.append(key), vs.append(val)
+    q, key, val = (jnp.concatenate(a, axis=1) for a in (qs, ks, vs))
+    if rope_fn is not None:
+      q, key = rope_fn(q), rope_fn(key)
+    axes = ("act_batch", "act_length", "act_heads", "act_head_dim")
+    q, key, val = (nn.with_logical_constraint(a, axes) for a in (q, key, val))
+    out = nn.with_logical_constraint(kernels.attention(q, key, val, segment_ids=segment_ids, impl=self.impl), axes)
+    splits = list(itertools.accumulate(x.shape[1] for x in xs))[:-1]
+    results = []
+    for name, part, has_out in zip(self.streams, jnp.split(out, splits, axis=1), outputs):
+      results.append(DenseGeneral((h, e), (self.features,), ("heads", "head_dim", "embed"), self.o_bias,
+                                  name=f"{name}_o_proj", **kw)(part) if has_out else part)
+    return results

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from unimm_jax.layers import Attention, DenseGeneral, Embed, GatedMLP, RMSNorm, apply_rope
 from unimm_jax.layers import rope_angles, rope_angles_mrope
+from unimm_jax.layers.stack import build_layers, check_remat, run_layers
 from unimm_jax.models.config import DictConfig
 
 MODEL_TYPES = ("qwen2", "qwen3", "qwen2_5_vl_text")
@@ -54,8 +55,26 @@ class QwenConfig(DictConfig):
       raise ValueError(f"QwenConfig.model_type {self.model_type!r} is not one of {MODEL_TYPES}")
     if self.heads % self.kv_heads:
       raise ValueError(f"QwenConfig: heads {self.heads} is not a multiple of kv_heads {self.kv_heads}")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"QwenConfig.remat {self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+    check_remat(self.remat, "QwenConfig")
+
+  # Released sizes (the HF config.json of each) and a CPU-sized tiny.
+  @classmethod
+  def qwen2_5_0_5b(cls, **kw) -> "QwenConfig":
+    return cls(**{**dict(vocab=151936, embed=896, mlp=4864, depth=24, heads=14, kv_heads=2, head_dim=64,
+                         tie_embeddings=True), **kw})
+
+  @classmethod
+  def qwen2_5_1_5b(cls, **kw) -> "QwenConfig":
+    return cls(**{**dict(vocab=151936, embed=1536, mlp=8960, depth=28, heads=12, kv_heads=2, head_dim=128,
+                         tie_embeddings=True), **kw})
+
+  @classmethod
+  def qwen2_5_7b(cls, **kw) -> "QwenConfig":
+    return cls(**{**dict(vocab=152064, embed=3584, mlp=18944, depth=28, heads=28, kv_heads=4, head_dim=128), **kw})
+
+  @classmethod
+  def tiny(cls, **kw) -> "QwenConfig":
+    return cls(**{**dict(vocab=256, embed=64, mlp=128, depth=2, heads=4, kv_heads=2, head_dim=16), **kw})
 
   def num_params(self) -> int:
     attn = self.embed * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
@@ -64,13 +83,6 @@ class QwenConfig(DictConfig):
     layer = attn + bias + 3 * self.embed * self.mlp + norms
     head = 0 if self.tie_embeddings else self.vocab * self.embed
     return self.vocab * self.embed + self.depth * layer + self.embed + head
-
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 def config_from_hf(hf: Mapping[str, Any] | Any) -> QwenConfig:
@@ -117,7 +129,7 @@ class DecoderLayer(nn.Module):
   cfg: QwenConfig
 
   @nn.compact
-  def __call__(self, x, angles, segment_ids, span_ids, cache, cache_index, kv_segment_ids):
+  def __call__(self, x, cache, angles, segment_ids, span_ids, cache_index, kv_segment_ids):
     cfg = self.cfg
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     rope_fn = None if angles is None else functools.partial(apply_rope, angles=angles)
@@ -131,7 +143,7 @@ class DecoderLayer(nn.Module):
     h = RMSNorm(cfg.embed, cfg.norm_eps, name="post_attention_layernorm", **kw)(x)
     x = x + GatedMLP(cfg.embed, cfg.mlp, cfg.act, name="mlp", **kw)(h)
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    return x, (cache, x)
+    return x, cache
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:
@@ -153,16 +165,7 @@ class Qwen(nn.Module):
     cfg = self.cfg
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.embed_tokens = Embed(cfg.vocab, cfg.embed, **kw)
-    block = DecoderLayer
-    if cfg.remat != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      self.layers = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.depth,
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
-          metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-    else:
-      self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.depth)]
+    self.layers = build_layers(DecoderLayer, cfg.depth, cfg, scan=cfg.scan_layers, remat=cfg.remat, shared=5)
     self.norm = RMSNorm(cfg.embed, cfg.norm_eps, **kw)
     if not cfg.tie_embeddings:
       self.lm_head = DenseGeneral((cfg.embed,), (cfg.vocab,), ("embed", "vocab"), **kw)
@@ -211,21 +214,11 @@ class Qwen(nn.Module):
       angles = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
     cache_index = jnp.asarray(cache_index, jnp.int32)
 
-    hidden = [x]
-    if cfg.scan_layers:
-      x, (cache, stacked) = self.layers(x, angles, segment_ids, span_ids, cache, cache_index, kv_segment_ids)
-      if return_hidden_states:
-        hidden += [stacked[i] for i in range(cfg.depth)]
-    else:
-      new_cache = {}
-      for i, layer in enumerate(self.layers):
-        layer_cache = None if cache is None else cache[f"layers_{i}"]
-        x, (layer_cache, _) = layer(x, angles, segment_ids, span_ids, layer_cache, cache_index, kv_segment_ids)
-        new_cache[f"layers_{i}"] = layer_cache
-        hidden.append(x)
-      cache = new_cache if cache is not None else None
+    x_in = x
+    x, hidden, cache = run_layers(self.layers, x, cache, angles, segment_ids, span_ids, cache_index, kv_segment_ids,
+                                  hidden_states=return_hidden_states)
     x = self.norm(x)
-    hidden[-1] = x  # transformers reports the normed output as the last hidden state
+    hidden = (x_in, *hidden[:-1], x)  # transformers reports the normed output as the last hidden state
     logits = None
     if return_logits:
       logits = self.embed_tokens.attend(x) if cfg.tie_embeddings else self.lm_head(x)

@@ -31,10 +31,9 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from unimm_jax import kernels
 from unimm_jax.layers import MLP, Attention, DenseGeneral, LayerNorm
+from unimm_jax.layers.stack import build_layers, check_remat, run_layers
 from unimm_jax.models.config import DictConfig
-from unimm_jax.models.qwen import REMAT_POLICIES
 
 MODEL_TYPES = ("siglip_vision_model", "siglip", "siglip2_vision_model", "siglip2")
 POSEMB_RESIZE = ("bicubic", "bilinear_antialias")
@@ -69,8 +68,7 @@ class SiglipVisionConfig(DictConfig):
       raise ValueError(f"SiglipVisionConfig: embed {self.embed} is not a multiple of heads {self.heads}")
     if self.posemb_resize not in POSEMB_RESIZE:
       raise ValueError(f"SiglipVisionConfig.posemb_resize {self.posemb_resize!r} is not one of {POSEMB_RESIZE}")
-    if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"SiglipVisionConfig.remat {self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+    check_remat(self.remat, "SiglipVisionConfig")
     if not 1 <= self.num_layers <= self.depth:
       raise ValueError(f"SiglipVisionConfig: feature_layer {self.feature_layer} selects {self.num_layers} of "
                        f"{self.depth} layers; it must select at least one")
@@ -208,7 +206,7 @@ class EncoderLayer(nn.Module):
   cfg: SiglipVisionConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, own: None, segment_ids: jax.Array | None) -> tuple[jax.Array, None]:
     cfg = self.cfg
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     h = LayerNorm(cfg.embed, cfg.norm_eps, name="layer_norm1", **kw)(x)
@@ -218,26 +216,7 @@ class EncoderLayer(nn.Module):
     h = LayerNorm(cfg.embed, cfg.norm_eps, name="layer_norm2", **kw)(x)
     x = x + MLP(cfg.embed, cfg.mlp, cfg.act, name="mlp", **kw)(h)
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    return x, x
-
-
-class ProbeAttention(nn.Module):
-  """Cross-attention of probe queries [b n d] over tokens [b t d] (torch nn.MultiheadAttention)."""
-
-  cfg: SiglipVisionConfig
-
-  @nn.compact
-  def __call__(self, q_in: jax.Array, kv_in: jax.Array, q_segment_ids: jax.Array,
-               kv_segment_ids: jax.Array | None) -> jax.Array:
-    cfg = self.cfg
-    kw = dict(use_bias=True, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    shape, axes = (cfg.heads, cfg.head_dim), ("embed", "heads", "head_dim")
-    q = DenseGeneral((cfg.embed,), shape, axes, name="q_proj", **kw)(q_in)
-    k = DenseGeneral((cfg.embed,), shape, axes, name="k_proj", **kw)(kv_in)
-    v = DenseGeneral((cfg.embed,), shape, axes, name="v_proj", **kw)(kv_in)
-    out = kernels.attention(q, k, v, segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                            impl=cfg.attention_impl)
-    return DenseGeneral(shape, (cfg.embed,), ("heads", "head_dim", "embed"), name="o_proj", **kw)(out)
+    return x, own
 
 
 class MAPHead(nn.Module):
@@ -255,7 +234,10 @@ class MAPHead(nn.Module):
     probe = self.param("probe", nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, None, "embed")),
                        (1, 1, cfg.embed), jnp.dtype(cfg.param_dtype))
     q_in = jnp.broadcast_to(probe.astype(kw["dtype"]), (x.shape[0], q_segment_ids.shape[1], cfg.embed))
-    h = ProbeAttention(cfg, name="attention")(q_in, x, q_segment_ids, kv_segment_ids)
+    # torch nn.MultiheadAttention: q/k/v/out projections with biases, probes attending over the tokens
+    h, _ = Attention(cfg.embed, cfg.heads, cfg.heads, cfg.head_dim, qkv_bias=True, o_bias=True,
+                     impl=cfg.attention_impl, name="attention", **kw)(
+                         q_in, kv=x, segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
     return h + MLP(cfg.embed, cfg.mlp, cfg.act, name="mlp", **kw)(
         LayerNorm(cfg.embed, cfg.norm_eps, name="layernorm", **kw)(h))
 
@@ -282,15 +264,7 @@ class VisionTransformer(nn.Module):
         "position_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(cfg.embed ** -0.5), (None, "embed")),
         (cfg.posemb_grid ** 2, cfg.embed), jnp.dtype(cfg.param_dtype))
-    block = EncoderLayer
-    if cfg.remat != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      self.layers = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True}, length=cfg.num_layers,
-          in_axes=(nn.broadcast,), metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
-    else:
-      self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.layers = build_layers(EncoderLayer, cfg.num_layers, cfg, scan=cfg.scan_layers, remat=cfg.remat, shared=1)
     if cfg.post_layernorm:
       self.post_layernorm = LayerNorm(cfg.embed, cfg.norm_eps, **kw)
     if cfg.use_head:
@@ -345,15 +319,8 @@ class VisionTransformer(nn.Module):
       x = jnp.where(segment_ids[..., None] > 0, x, 0).astype(x.dtype)
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
 
-    hidden = [x]
-    if cfg.scan_layers:
-      x, stacked = self.layers(x, segment_ids)
-      if return_hidden_states:
-        hidden += [stacked[i] for i in range(cfg.num_layers)]
-    else:
-      for layer in self.layers:
-        x, _ = layer(x, segment_ids)
-        hidden.append(x)
+    x_in = x
+    x, hidden, _ = run_layers(self.layers, x, None, segment_ids, hidden_states=return_hidden_states)
     if cfg.post_layernorm:
       x = self.post_layernorm(x)
     if segment_ids is not None:
@@ -368,4 +335,4 @@ class VisionTransformer(nn.Module):
         present = jnp.prod(spatial_shapes, axis=-1)[..., None] > 0
         pooled = jnp.where(present, self.head(x, probes, segment_ids), 0)
     return VisionOutput(last_hidden_state=x, pooler_output=pooled,
-                        hidden_states=tuple(hidden) if return_hidden_states else None)
+                        hidden_states=(x_in, *hidden) if return_hidden_states else None)

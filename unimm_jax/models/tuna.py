@@ -33,12 +33,15 @@ from einops import rearrange
 
 from unimm_jax.layers import DenseGeneral, RMSNorm
 from unimm_jax.layers.modulation import TimestepEmbedder
+from unimm_jax.layers.stack import build_layers, run_layers
 from unimm_jax.models import qwen, siglip
+from unimm_jax.models.codec import LatentNorm
 from unimm_jax.models.config import DictConfig
 from unimm_jax.models.tuna_head import FinalLayer, ModulatedBlock, TunaHeadConfig, gather_spans, tuna_rope_fn
 
 ENCODERS = ("siglip", "patch")
 PREDICTIONS = ("velocity", "x0")
+LATENT_STATS = ("mean_is_std", "codec")
 BATCH_KEYS = {
     "tokens": "int32 [b t] token ids; image slots hold <|image_pad|>",
     "segment_ids": "int32 [b t] sample of the row 1..m, 0 = padding",
@@ -50,6 +53,10 @@ BATCH_KEYS = {
     "span_t": "float32 [b n] time of span i + 1 (1 = clean)",
     "x_t": "float [b t o] noisy patches at image tokens, 0 elsewhere",
 }
+
+
+SIGLIP_ON_LATENTS = siglip.SiglipVisionConfig.so400m(
+    patch=1, image_size=32, channels=48, post_layernorm=False, use_head=False, feature_layer=-2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +73,9 @@ class TunaConfig(DictConfig):
   patch_positions: int = 0
   prediction: str = "velocity"                       # velocity (TUNA) | x0 (TUNA-2)
   time_frequency_dim: int = 256
+  # Latent space: the reference normalises Wan 2.2 latents as (z - std) / std -- it was trained with mean = std
+  # (REFERENCE.md) -- so converted checkpoints only work with that quirk; "codec": the codec's own statistics.
+  latent_stats: str = "mean_is_std"                  # mean_is_std | codec
 
   def __post_init__(self):
     if self.encoder not in ENCODERS:
@@ -73,6 +83,8 @@ class TunaConfig(DictConfig):
     if self.patch_positions and self.encoder != "patch":
       raise ValueError(f"TunaConfig.patch_positions {self.patch_positions} needs encoder 'patch' (SigLIP has its "
                        f"own position embeddings); encoder is {self.encoder!r}")
+    if self.latent_stats not in LATENT_STATS:
+      raise ValueError(f"TunaConfig.latent_stats {self.latent_stats!r} is not one of {LATENT_STATS}")
     if self.prediction not in PREDICTIONS:
       raise ValueError(f"TunaConfig.prediction {self.prediction!r} is not one of {PREDICTIONS}")
     if self.encoder == "siglip" and self.siglip is None:
@@ -90,9 +102,52 @@ class TunaConfig(DictConfig):
       raise ValueError(f"{where}: an image of {h}x{w} tokens is larger than TunaConfig.patch_positions = "
                        f"{self.patch_positions}, the patch stem's learned row/column tables")
 
+  def latent_norm(self, codec_cfg: Any) -> LatentNorm:
+    """Codec latents <-> the latents this TUNA generates (models/codec.py)."""
+    if self.latent_stats == "codec":
+      return codec_cfg.latent_norm()
+    return LatentNorm(codec_cfg.latent_norm().std, codec_cfg.latent_norm().std)
+
   @property
   def token_features(self) -> int:
     return self.patch * self.patch * self.channels
+
+  # Released sizes: tuna-2 configs/model/tuna_{2b,7b}.yaml (LLMs from their HF config.json; SigLIP so400m on
+  # 48-channel Wan 2.2 latents, 32x32 position table, 26 of 27 layers; head_dim 64); TUNA-2 is the pixel variant.
+  @classmethod
+  def sized(cls, llm: qwen.QwenConfig, head_depth: int, head_heads: int, head_kv_heads: int, head_dim: int = 64,
+            **kw) -> "TunaConfig":
+    """A TUNA whose flow head has the LLM's width and MLP."""
+    out = kw.get("patch", 1) ** 2 * kw.get("channels", 48)
+    head = TunaHeadConfig(embed=llm.embed, mlp=llm.mlp, depth=head_depth, heads=head_heads, kv_heads=head_kv_heads,
+                          head_dim=head_dim, out_features=out)
+    return cls(llm=llm, head=head, **kw)
+
+  @classmethod
+  def tuna_2b(cls) -> "TunaConfig":
+    return cls.sized(qwen.QwenConfig.qwen2_5_1_5b(), 40, 24, 8, siglip=SIGLIP_ON_LATENTS)
+
+  @classmethod
+  def tuna_7b(cls) -> "TunaConfig":
+    return cls.sized(qwen.QwenConfig.qwen2_5_7b(), 16, 56, 14, siglip=SIGLIP_ON_LATENTS)
+
+  @classmethod
+  def tuna2_7b(cls) -> "TunaConfig":
+    return cls.sized(qwen.QwenConfig.qwen2_5_7b(), 16, 56, 14, encoder="patch", space="pixel", channels=3, patch=16,
+                     prediction="x0")
+
+  @classmethod
+  def tiny(cls) -> "TunaConfig":
+    """A CPU-sized TUNA-2 (pixel patches, x0 prediction)."""
+    return cls.sized(qwen.QwenConfig.tiny(), 2, 4, 2, head_dim=16, encoder="patch", space="pixel", channels=3,
+                     patch=4, prediction="x0")
+
+  def with_runtime(self, **kw) -> "TunaConfig":
+    """The same model with runtime choices (dtype, param_dtype, remat, scan_layers, attention_impl) set on every
+    part that has them."""
+    def set_on(part):
+      return part and dataclasses.replace(part, **{k: v for k, v in kw.items() if hasattr(part, k)})
+    return dataclasses.replace(self, llm=set_on(self.llm), head=set_on(self.head), siglip=set_on(self.siglip))
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "TunaConfig":
@@ -101,6 +156,21 @@ class TunaConfig(DictConfig):
     d["head"] = TunaHeadConfig.from_dict(d["head"])
     d["siglip"] = siglip.SiglipVisionConfig.from_dict(d["siglip"]) if d.get("siglip") else None
     return super().from_dict(d)
+
+
+# Real sizes train and sample with bf16 compute and rematerialised layers.
+VARIANTS = {
+    "tiny": TunaConfig.tiny,
+    "2b": lambda: TunaConfig.tuna_2b().with_runtime(dtype="bfloat16", remat="dots"),
+    "7b": lambda: TunaConfig.tuna_7b().with_runtime(dtype="bfloat16", remat="dots"),
+    "tuna2_7b": lambda: TunaConfig.tuna2_7b().with_runtime(dtype="bfloat16", remat="dots"),
+}
+
+
+def variant(name: str) -> TunaConfig:
+  if name not in VARIANTS:
+    raise ValueError(f"unknown TUNA variant {name!r}; choose one of {sorted(VARIANTS)}")
+  return VARIANTS[name]()
 
 
 @flax.struct.dataclass
@@ -171,7 +241,9 @@ class Tuna(nn.Module):
     else:
       self.vision_encoder = PatchEncoder(cfg.llm.embed, cfg.patch, cfg.channels, cfg.patch_positions, **kw)
     self.time_embed = TimestepEmbedder(cfg.head.embed, cfg.time_frequency_dim, **kw)
-    self.diffusion_head_a = [ModulatedBlock(cfg.head, name=f"diffusion_head_a_{i}") for i in range(cfg.head.depth)]
+    # a Python loop: the blocks take a RoPE closure, which nn.scan cannot broadcast
+    self.diffusion_head_a = build_layers(ModulatedBlock, cfg.head.depth, cfg.head, scan=False, shared=4,
+                                         name="diffusion_head_a")
     self.diffusion_head_b = FinalLayer(cfg.head)
 
   def encode_images(self, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -211,8 +283,7 @@ class Tuna(nn.Module):
                    span_ids=span_ids, return_logits=return_logits, return_hidden_states=return_hidden_states)
     h = out.last_hidden_state
     rope_fn = tuna_rope_fn(self.cfg.head, batch["positions"], span_ids, time_slot, batch["thw"])
-    for block in self.diffusion_head_a:
-      h = block(h, t_embed, span_ids, rope_fn, batch["segment_ids"])
+    h, _, _ = run_layers(self.diffusion_head_a, h, None, t_embed, span_ids, rope_fn, batch["segment_ids"])
     prediction = self.diffusion_head_b(h, t_embed, span_ids)
     return TunaOutput(logits=out.logits, prediction=prediction.astype(jnp.float32), hidden_states=out.hidden_states)
 

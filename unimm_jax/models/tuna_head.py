@@ -76,7 +76,7 @@ class ModulatedBlock(nn.Module):
   cfg: TunaHeadConfig
 
   @nn.compact
-  def __call__(self, x, cond, span_ids, rope_fn, segment_ids):
+  def __call__(self, x, own, cond, span_ids, rope_fn, segment_ids):
     cfg = self.cfg
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     chunks = AdaLNModulation(cfg.embed, 6, name="adaLN_modulation", **kw)(cond)
@@ -89,7 +89,7 @@ class ModulatedBlock(nn.Module):
     x = x + (gate1 * h).astype(x.dtype)
     h = modulate(RMSNorm(cfg.embed, cfg.norm_eps, name="post_attention_layernorm", **kw)(x), shift2, scale2)
     x = x + (gate2 * GatedMLP(cfg.embed, cfg.mlp, "silu", name="mlp", **kw)(h)).astype(x.dtype)
-    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+    return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), own
 
 
 class FinalLayer(nn.Module):

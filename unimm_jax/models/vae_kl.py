@@ -15,13 +15,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 
 from unimm_jax.layers import Attention, Conv, GroupNorm
 from unimm_jax.models import tiling
+from unimm_jax.models.codec import DiagonalGaussian, LatentNorm
 from unimm_jax.models.config import DictConfig
 
 ACT = ("act_batch", "act_height", "act_width", "act_channels")
@@ -55,8 +55,16 @@ class AutoencoderKLConfig(DictConfig):
                        f"norm_num_groups {self.norm_num_groups}")
 
   @property
-  def downscale(self) -> int:
+  def spatial_downscale(self) -> int:
     return 2 ** (len(self.block_out_channels) - 1)
+
+  temporal_downscale = 1   # an image codec (models/codec.py)
+
+  def latent_norm(self) -> LatentNorm:
+    """As the SD / SDXL / FLUX pipelines: per-channel statistics when the checkpoint has them, else shift_factor."""
+    if self.latents_mean is not None and self.latents_std is not None:
+      return LatentNorm(self.latents_mean, self.latents_std, self.scaling_factor)
+    return LatentNorm(self.shift_factor or 0.0, 1.0, self.scaling_factor)
 
 
 PRESETS = {
@@ -98,29 +106,6 @@ def diffusers_config(cfg: AutoencoderKLConfig) -> dict[str, Any]:
   n = len(cfg.block_out_channels)
   return {"_class_name": "AutoencoderKL", **d, "down_block_types": ["DownEncoderBlock2D"] * n,
           "up_block_types": ["UpDecoderBlock2D"] * n, "act_fn": "silu"}
-
-
-@flax.struct.dataclass
-class DiagonalGaussian:
-  """Posterior q(z|x): mean and log-variance (clamped to [-30, 20] as diffusers does), both [b h w z]."""
-
-  mean: jax.Array
-  logvar: jax.Array
-
-  @property
-  def std(self) -> jax.Array:
-    return jnp.exp(0.5 * self.logvar)
-
-  def mode(self) -> jax.Array:
-    return self.mean
-
-  def sample(self, rng: jax.Array) -> jax.Array:
-    return self.mean + self.std * jax.random.normal(rng, self.mean.shape, self.mean.dtype)
-
-  @classmethod
-  def from_moments(cls, moments: jax.Array) -> "DiagonalGaussian":
-    mean, logvar = jnp.split(moments, 2, axis=-1)
-    return cls(mean, jnp.clip(logvar, -30.0, 20.0))
 
 
 class ResnetBlock2D(nn.Module):
@@ -272,7 +257,7 @@ class AutoencoderKL(nn.Module):
       self.post_quant_conv = Conv(z, (1, 1), **kw)
 
   def _check(self, x: jax.Array, channels: int, what: str) -> None:
-    f = self.cfg.downscale if what == "image" else 1
+    f = self.cfg.spatial_downscale if what == "image" else 1
     if x.ndim != 4 or x.shape[-1] != channels or x.shape[1] % f or x.shape[2] % f:
       raise ValueError(f"AutoencoderKL: {what} {x.shape} must be [b h w {channels}] with h, w multiples of {f}")
 
@@ -300,11 +285,11 @@ class AutoencoderKL(nn.Module):
     """encode() in overlapping tiles of cfg.sample_size pixels (diffusers `_tiled_encode`)."""
     cfg = self.cfg
     self._check(x, cfg.in_channels, "image")
-    tile_px, tile_lat = cfg.sample_size, cfg.sample_size // cfg.downscale
+    tile_px, tile_lat = cfg.sample_size, cfg.sample_size // cfg.spatial_downscale
     blend = int(tile_lat * cfg.tile_overlap_factor)
     stride = int(tile_px * (1 - cfg.tile_overlap_factor))
     grid = tiling.map_tiles(self.encoder, lambda enc, t: enc(t), x, (tile_px, tile_px), (stride, stride))
-    out_hw = (x.shape[1] // cfg.downscale, x.shape[2] // cfg.downscale)
+    out_hw = (x.shape[1] // cfg.spatial_downscale, x.shape[2] // cfg.spatial_downscale)
     # quant_conv is a 1x1 affine map and blending a convex combination, so it commutes with the blend.
     moments = tiling.blend_grid(grid, (blend, blend), (tile_lat - blend,) * 2, out_hw)
     if cfg.use_quant_conv:
@@ -315,27 +300,19 @@ class AutoencoderKL(nn.Module):
     """decode() in overlapping latent tiles of cfg.sample_size / f (diffusers `tiled_decode`)."""
     cfg = self.cfg
     self._check(z, cfg.latent_channels, "latent")
-    tile_px, tile_lat = cfg.sample_size, cfg.sample_size // cfg.downscale
+    tile_px, tile_lat = cfg.sample_size, cfg.sample_size // cfg.spatial_downscale
     blend = int(tile_px * cfg.tile_overlap_factor)
     stride = int(tile_lat * (1 - cfg.tile_overlap_factor))
     if cfg.use_post_quant_conv:
       z = self.post_quant_conv(z)   # 1x1: the same per tile or on the whole latent
     grid = tiling.map_tiles(self.decoder, lambda dec, t: dec(t), z, (tile_lat, tile_lat), (stride, stride))
-    out_hw = (z.shape[1] * cfg.downscale, z.shape[2] * cfg.downscale)
+    out_hw = (z.shape[1] * cfg.spatial_downscale, z.shape[2] * cfg.spatial_downscale)
     return tiling.blend_grid(grid, (blend, blend), (tile_px - blend,) * 2, out_hw).astype(jnp.float32)
 
-  def scale_latents(self, z: jax.Array) -> jax.Array:
-    """Posterior latents -> the diffusion model's latents (as the SD / SDXL / FLUX pipelines)."""
-    cfg = self.cfg
-    if cfg.latents_mean is not None and cfg.latents_std is not None:
-      mean, std = jnp.asarray(cfg.latents_mean), jnp.asarray(cfg.latents_std)
-      return (z - mean) * cfg.scaling_factor / std
-    return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
+  def normalize(self, z: jax.Array) -> jax.Array:
+    """Posterior latents -> the diffusion model's latents (cfg.latent_norm())."""
+    return self.cfg.latent_norm().apply(z)
 
-  def unscale_latents(self, z: jax.Array) -> jax.Array:
-    """Inverse of scale_latents."""
-    cfg = self.cfg
-    if cfg.latents_mean is not None and cfg.latents_std is not None:
-      mean, std = jnp.asarray(cfg.latents_mean), jnp.asarray(cfg.latents_std)
-      return z * std / cfg.scaling_factor + mean
-    return z / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+  def denormalize(self, z: jax.Array) -> jax.Array:
+    """Inverse of normalize."""
+    return self.cfg.latent_norm().invert(z)

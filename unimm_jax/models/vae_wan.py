@@ -25,8 +25,8 @@ from einops import rearrange, repeat
 from unimm_jax import kernels
 from unimm_jax.layers import CausalConv3D, Conv, L2Norm
 from unimm_jax.models import tiling
+from unimm_jax.models.codec import DiagonalGaussian, LatentNorm
 from unimm_jax.models.config import DictConfig
-from unimm_jax.models.vae_kl import DiagonalGaussian
 
 ACT = ("act_batch", "act_frames", "act_height", "act_width", "act_channels")
 Cache = dict[str, Any]
@@ -64,16 +64,12 @@ class WanVAEConfig(DictConfig):
   patch_size: int | None = None   # Wan 2.2: 2 (pixels are 2x2-patchified into 12 channels)
   scale_factor_temporal: int = 4
   scale_factor_spatial: int = 8
-  # TUNA normalises latents as (z - std) / std: its checkpoints were trained with mean = std.
-  latent_shift: str = "mean"      # mean | std
   tile_sample_min_size: int = 256     # diffusers' tiling defaults (pixels of the patchified input)
   tile_sample_stride: int = 192
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    if self.latent_shift not in ("mean", "std"):
-      raise ValueError(f"WanVAEConfig.latent_shift {self.latent_shift!r} is not 'mean' or 'std'")
     if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
       raise ValueError(f"WanVAEConfig: latents_mean/std need {self.z_dim} entries")
     if len(self.temperal_downsample) != len(self.dim_mult) - 1:
@@ -83,16 +79,34 @@ class WanVAEConfig(DictConfig):
   def patch(self) -> int:
     return self.patch_size or 1
 
+  # the latent codec interface (models/codec.py)
+  @property
+  def latent_channels(self) -> int:
+    return self.z_dim
+
+  @property
+  def spatial_downscale(self) -> int:
+    return self.scale_factor_spatial
+
+  @property
+  def temporal_downscale(self) -> int:
+    return self.scale_factor_temporal
+
+  def latent_norm(self) -> LatentNorm:
+    return LatentNorm(self.latents_mean, self.latents_std)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "WanVAEConfig":
+    # Converted before 0.2, a TUNA's vae/ recorded latent_shift="std"; TUNA's latent statistics are now
+    # TunaConfig.latent_norm, so the field is dropped.
+    return super().from_dict({k: v for k, v in d.items() if k != "latent_shift"})
+
 
 PRESETS = {
     "wan2.1": dict(),
     "wan2.2": dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12,
                    out_channels=12, patch_size=2, scale_factor_spatial=16, latents_mean=WAN22_MEAN,
                    latents_std=WAN22_STD),
-    # TUNA: the Wan 2.2 VAE with latents normalised by (z - std) / std.
-    "tuna": dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12,
-                 out_channels=12, patch_size=2, scale_factor_spatial=16, latents_mean=WAN22_MEAN,
-                 latents_std=WAN22_STD, latent_shift="std"),
 }
 
 
@@ -108,13 +122,13 @@ def config_from_diffusers(d: Mapping[str, Any]) -> WanVAEConfig:
     raise NotImplementedError(f"AutoencoderKLWan: attn_scales {d['attn_scales']} not supported (only [])")
   if d.get("dropout", 0.0):
     raise NotImplementedError("AutoencoderKLWan: dropout > 0 is a training option this module does not build")
-  skip = {"latent_shift", "tile_sample_min_size", "tile_sample_stride", "dtype", "param_dtype"}
+  skip = {"tile_sample_min_size", "tile_sample_stride", "dtype", "param_dtype"}
   fields = {f.name for f in dataclasses.fields(WanVAEConfig)} - skip
   return WanVAEConfig.from_dict({k: d[k] for k in fields if k in d})
 
 
 def diffusers_config(cfg: WanVAEConfig) -> dict[str, Any]:
-  skip = ("latent_shift", "tile_sample_min_size", "tile_sample_stride", "dtype", "param_dtype")
+  skip = ("tile_sample_min_size", "tile_sample_stride", "dtype", "param_dtype")
   return {"_class_name": "AutoencoderKLWan", "attn_scales": [], "dropout": 0.0,
           **{k: v for k, v in cfg.to_dict().items() if k not in skip}}
 
@@ -440,12 +454,8 @@ class WanVAE(nn.Module):
     return jnp.clip(self._unpatchify(x).astype(jnp.float32), -1.0, 1.0)
 
   def normalize(self, z: jax.Array) -> jax.Array:
-    """Posterior latents -> diffusion latents: (z - mean) / std per channel (TUNA: (z - std) / std)."""
-    std = jnp.asarray(self.cfg.latents_std)
-    shift = std if self.cfg.latent_shift == "std" else jnp.asarray(self.cfg.latents_mean)
-    return (z - shift) / std
+    """Posterior latents -> diffusion latents: (z - mean) / std per channel (cfg.latent_norm())."""
+    return self.cfg.latent_norm().apply(z)
 
   def denormalize(self, z: jax.Array) -> jax.Array:
-    std = jnp.asarray(self.cfg.latents_std)
-    shift = std if self.cfg.latent_shift == "std" else jnp.asarray(self.cfg.latents_mean)
-    return z * std + shift
+    return self.cfg.latent_norm().invert(z)

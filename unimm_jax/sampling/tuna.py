@@ -176,8 +176,8 @@ def image_to_tokens(image: np.ndarray, cfg, vae=None) -> np.ndarray:
   if cfg.space == "latent":
     if vae is None:
       raise ValueError("image_to_tokens: a latent-space TUNA needs its VAE (vae/ beside the checkpoint)")
-    z = vae.module.apply({"params": vae.params}, jnp.asarray(image)[None, None], method=type(vae.module).encode).mean
-    z = np.asarray(vae.module.apply({"params": vae.params}, z, method=type(vae.module).normalize))[0, 0]
+    z = vae.module.apply({"params": vae.params}, jnp.asarray(image)[None, None], method=type(vae.module).encode).mode()
+    z = np.asarray(cfg.latent_norm(vae.config).apply(z))[0, 0]
   else:
     z = np.asarray(image, np.float32)
   h, w = z.shape[0] // p, z.shape[1] // p
@@ -192,7 +192,7 @@ def tokens_to_image(tokens: np.ndarray, cfg, vae=None) -> np.ndarray:
   if cfg.space == "latent":
     if vae is None:
       raise ValueError("tokens_to_image: a latent-space TUNA needs its VAE (vae/ beside the checkpoint)")
-    z = vae.module.apply({"params": vae.params}, jnp.asarray(z)[None, None], method=type(vae.module).denormalize)
+    z = cfg.latent_norm(vae.config).invert(jnp.asarray(z)[None, None])
     z = np.asarray(vae.module.apply({"params": vae.params}, z, method=type(vae.module).decode))[0, 0]
   return np.clip(z, -1.0, 1.0)
 
@@ -211,7 +211,11 @@ class LoadedTuna:
   @property
   def downsample(self) -> int:
     """Pixels per image token along each side."""
-    return self.cfg.patch * (self.vae.config.scale_factor_spatial if self.cfg.space == "latent" else 1)
+    return self.cfg.patch * (self.vae.config.spatial_downscale if self.cfg.space == "latent" else 1)
+
+  def sampler_config(self, **overrides) -> FlowSamplerConfig:
+    """FlowSamplerConfig with the CLI's overrides; None keeps TUNA's default (50 steps, guidance 7.5, shift 3)."""
+    return FlowSamplerConfig(**{k: v for k, v in overrides.items() if v is not None})
 
   def encode_text(self, text: str) -> list[int]:
     return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -25,26 +25,10 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from unimm_jax import sharding
-from unimm_jax.data import synthetic, tuna_data
-from unimm_jax.training import checkpointing, lm, metrics, optim, tuna_task
+from unimm_jax import registry, sharding
+from unimm_jax.training import checkpointing, metrics, optim
 from unimm_jax.training.task import Task
 
-# config.task -> builder(config) -> Task. The TUNA objective registers here next to the LLM one.
-TASKS: dict[str, Callable[[ml_collections.ConfigDict], Task]] = {"lm": lm.build, "tuna": tuna_task.build}
-
-
-def _synthetic_tokens(config: ml_collections.ConfigDict, batch_per_process: int, process_index: int,
-                      process_count: int):
-  d = config.data
-  src = synthetic.SyntheticTokens(int(d.num_records), int(d.seq_len), int(d.vocab), seed=int(d.seed))
-  return synthetic.dataset(src, batch_per_process, process_index=process_index, process_count=process_count,
-                           seed=int(d.seed))
-
-
-# config.data.name -> builder(config, batch_per_process, process_index, process_count) -> grain.IterDataset
-DATASETS = {"synthetic_tokens": _synthetic_tokens, "shapes_tuna": tuna_data.shapes_from_config,
-            "tuna_streams": tuna_data.streams_from_config}
 NONFINITE = ("skip", "stop")
 
 
@@ -106,11 +90,9 @@ def _opt_shardings(abstract_opt: Any, abstract_params: Any, param_shardings: Any
 def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, rules) -> Setup:
   """Task, optimizer, shardings and the jitted init/step for `config` on `mesh` (call inside the
   mesh and rules contexts)."""
-  if config.task not in TASKS:
-    raise ValueError(f"config.task {config.task!r} is not one of {sorted(TASKS)}")
   if config.nonfinite not in NONFINITE:
     raise ValueError(f"config.nonfinite {config.nonfinite!r} is not one of {NONFINITE}")
-  task = TASKS[config.task](config)
+  task = registry.task(config.task)(config)
   batch_spec = nn.logical_to_mesh_axes(("act_batch",), rules)
   batch_devices = int(np.prod([mesh.shape[a] for a in jax.tree.leaves(tuple(batch_spec))]))
   accum = int(config.accum_steps)
@@ -242,15 +224,14 @@ def _build_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains for config.steps optimizer steps, resuming from the latest checkpoint in `workdir`."""
-  if config.task not in TASKS:
-    raise ValueError(f"config.task {config.task!r} is not one of {sorted(TASKS)}")
+  build_task = registry.task(config.task)
   mesh = _build_mesh(config)
   rules = sharding.rules_from_config(config.sharding.rules)
   mngr = checkpointing.manager(workdir, config.checkpoint)
   pretrained = None
   if config.init_from and mngr.latest_step() is None:
     # Loaded before entering the mesh: the converter builds its abstract model outside any mesh.
-    task = TASKS[config.task](config)
+    task = build_task(config)
     if task.load_params is None:
       raise ValueError(f"config.init_from is set but task {task.name!r} cannot load pretrained params")
     pretrained = task.load_params(config.init_from)
@@ -267,10 +248,8 @@ def _loop(config: ml_collections.ConfigDict, workdir: str, s: Setup, mngr, pretr
   if lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=1))
-  if config.data.name not in DATASETS:
-    raise ValueError(f"config.data.name {config.data.name!r} is not one of {sorted(DATASETS)}")
   per_process = config.batch_size // jax.process_count()
-  data = iter(DATASETS[config.data.name](config, per_process, jax.process_index(), jax.process_count()))
+  data = iter(registry.dataset(config.data.name)(config, per_process, jax.process_index(), jax.process_count()))
 
   latest = mngr.latest_step()
   if latest is not None:

@@ -1,6 +1,13 @@
 """HF Qwen2 / Qwen2.5 / Qwen3 / Qwen2.5-VL text -> unimm_jax.models.qwen (loop layout)."""
 
+from typing import Any
+
+import jax.numpy as jnp
+
 from unimm_jax.convert import transforms as T
+from unimm_jax.convert.errors import ConversionError
+from unimm_jax.convert.family import Family
+from unimm_jax.models import qwen
 
 _L = r"model\.layers\.(\d+)\."
 RULES = (
@@ -29,3 +36,24 @@ def hf_prefix_for(model_type_in_file: str) -> dict[str, str]:
   if model_type_in_file == "qwen2_5_vl":
     return {"model.language_model.": "model."}
   return {}
+
+
+def hf_config(cfg: qwen.QwenConfig) -> dict[str, Any]:
+  """QwenConfig -> config.json of Qwen2ForCausalLM / Qwen3ForCausalLM."""
+  if cfg.model_type == "qwen2_5_vl_text":
+    raise ConversionError("export of a Qwen2.5-VL text decoder needs the source config.json (convert from HF)")
+  arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.model_type]
+  return {
+      "architectures": [arch], "model_type": cfg.model_type, "vocab_size": cfg.vocab, "hidden_size": cfg.embed,
+      "intermediate_size": cfg.mlp, "num_hidden_layers": cfg.depth, "num_attention_heads": cfg.heads,
+      "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": cfg.act,
+      "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+      "attention_bias": cfg.qkv_bias, "max_position_embeddings": 32768, "torch_dtype": cfg.param_dtype,
+  }
+
+
+FAMILY = Family(
+    name="qwen", hf_model_types=("qwen2", "qwen3", "qwen2_5_vl", "qwen2_5_vl_text"), config_cls=qwen.QwenConfig,
+    config_from_hf=qwen.config_from_hf, module=qwen.Qwen, example_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
+    rules=lambda cfg: RULES, ignore=lambda cfg: IGNORE_TIED if cfg.tie_embeddings else IGNORE,
+    key_prefixes=hf_prefix_for, hf_config=hf_config)

@@ -8,7 +8,13 @@ in_proj_bias [3d]; three `part` rules split it.
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax.numpy as jnp
+
 from unimm_jax.convert import transforms as T
+from unimm_jax.convert.family import Family
+from unimm_jax.models import siglip
 from unimm_jax.models.siglip import SiglipVisionConfig
 
 _L = r"encoder\.layers\.(\d+)\."
@@ -63,3 +69,29 @@ def hf_prefix_for(model_type_in_file: str) -> dict[str, str]:
   """Strips `vision_model.` (present in full models and pre-v5 vision checkpoints)."""
   del model_type_in_file  # every SigLIP layout names the vision tower the same way
   return {"vision_model.": ""}
+
+
+def _family(version: int) -> Family:
+  """SigLIP (conv stem, bicubic table resize) or SigLIP2 (linear stem, NaFlex): one module, two maps."""
+  name = "siglip" if version == 1 else "siglip2"
+
+  def hf_config(cfg: SiglipVisionConfig) -> dict[str, Any]:
+    d = {"hidden_size": cfg.embed, "intermediate_size": cfg.mlp, "num_hidden_layers": cfg.depth,
+         "num_attention_heads": cfg.heads, "num_channels": cfg.channels, "patch_size": cfg.patch,
+         "hidden_act": cfg.act, "layer_norm_eps": cfg.norm_eps, "vision_use_head": cfg.use_head,
+         "torch_dtype": cfg.param_dtype}
+    if version == 2:
+      return {"architectures": ["Siglip2VisionModel"], "model_type": "siglip2_vision_model",
+              "num_patches": cfg.posemb_grid ** 2, **d}
+    return {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model",
+            "image_size": cfg.posemb_grid * cfg.patch, **d}
+
+  rules = RULES_SIGLIP if version == 1 else RULES_SIGLIP2
+  return Family(
+      name=name, hf_model_types=(f"{name}_vision_model", name), config_cls=SiglipVisionConfig,
+      config_from_hf=siglip.config_from_hf, module=siglip.VisionTransformer,
+      example_inputs=lambda cfg: (jnp.zeros((1, cfg.patch, cfg.patch, cfg.channels), jnp.float32),),  # 1 patch
+      rules=lambda cfg: rules, ignore=ignore, key_prefixes=hf_prefix_for, hf_config=hf_config, reads_text=False)
+
+
+FAMILY_SIGLIP, FAMILY_SIGLIP2 = _family(1), _family(2)

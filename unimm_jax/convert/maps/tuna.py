@@ -3,7 +3,9 @@
 
 from unimm_jax.convert import transforms as T
 from unimm_jax.convert.engine import prefixed
+from unimm_jax.convert.family import Family, Reference
 from unimm_jax.convert.maps import qwen, siglip
+from unimm_jax.models import tuna
 
 _A = r"diffusion_head_a\.(\d+)\."
 _HEAD = (
@@ -56,3 +58,16 @@ def ignore(cfg) -> tuple:
   if cfg.siglip is not None:
     extra += tuple(rf"vision_model\.encoder\.layers\.{i}\..*" for i in range(cfg.siglip.num_layers, cfg.siglip.depth))
   return IGNORE + extra
+
+
+# tuna-2 checkpoints carry no config.json: converted from the reference's state dict (convert/tuna.py).
+FAMILY = Family(
+    name="tuna", config_cls=tuna.TunaConfig, module=tuna.Tuna, example_inputs=lambda cfg: (tuna.model_inputs(cfg),),
+    rules=rules, ignore=ignore, pipeline="unimm_jax.sampling.tuna:load",
+    reference=Reference(
+        flag="tuna", help=f"TUNA variant ({', '.join(tuna.VARIANTS)}) of a tuna-2 reference checkpoint --src, or "
+        "of a stage-1 model from --llm [--siglip] [--vae]", convert="unimm_jax.convert.tuna:convert_cli",
+        parts={"tokenizer": "TUNA: directory whose tokenizer files are copied (default: --llm)",
+               "llm": "TUNA from parts: Qwen2.5 HF directory",
+               "siglip": "TUNA from parts: SigLIP / SigLIP2 HF directory",
+               "vae": "Wan 2.2 VAE (diffusers directory, or the original Wan2.2_VAE.pth)"}))

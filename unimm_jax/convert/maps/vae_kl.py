@@ -1,6 +1,10 @@
 """diffusers AutoencoderKL -> unimm_jax.models.vae_kl."""
 
+import jax.numpy as jnp
+
 from unimm_jax.convert import transforms as T
+from unimm_jax.convert.family import DIFFUSERS_WEIGHTS, Family
+from unimm_jax.models import vae_kl
 
 RULES = (
     # Convolutions: OIHW -> HWIO; biases as they are.
@@ -67,3 +71,10 @@ LEGACY = (
 )
 # Nothing to ignore: every tensor of a diffusers AutoencoderKL state dict has a rule.
 IGNORE = ()
+
+# diffusers models name their class (`_class_name`) instead of a model_type
+FAMILY = Family(
+    name="vae_kl", hf_model_types=("AutoencoderKL",), config_cls=vae_kl.AutoencoderKLConfig,
+    config_from_hf=vae_kl.config_from_diffusers, module=vae_kl.AutoencoderKL,
+    example_inputs=lambda cfg: (jnp.zeros((1, cfg.spatial_downscale, cfg.spatial_downscale, cfg.in_channels)),),
+    rules=lambda cfg: RULES, hf_config=vae_kl.diffusers_config, weights_file=DIFFUSERS_WEIGHTS, legacy_keys=LEGACY)

@@ -8,7 +8,12 @@ conv1 / conv2 = quant_conv / post_quant_conv; in a down/up block the entry after
 resampler (as diffusers' scripts/convert_wan_to_diffusers.py::convert_vae / convert_vae_22 map them).
 """
 
+import jax.numpy as jnp
+
+from unimm_jax.convert import engine
 from unimm_jax.convert import transforms as T
+from unimm_jax.convert.family import DIFFUSERS_WEIGHTS, Family, Reference, abstract_params
+from unimm_jax.models import vae_wan
 
 GAMMA3, GAMMA2 = T.trailing_ones(3), T.trailing_ones(2)   # RMS_norm gammas [c 1 1 1] / attention [c 1 1]
 
@@ -125,3 +130,19 @@ def original_rules(cfg) -> tuple:
   if cfg.is_residual:
     return (*_original_shared(), *_original_wan22(cfg.num_res_blocks))
   return (*_original_shared(), *_original_wan21(cfg.num_res_blocks, len(cfg.dim_mult)))
+
+
+# example: 5 frames, so the streamed (cached) chunk path builds its params too
+FAMILY = Family(
+    name="vae_wan", hf_model_types=("AutoencoderKLWan",), config_cls=vae_wan.WanVAEConfig,
+    config_from_hf=vae_wan.config_from_diffusers, module=vae_wan.WanVAE,
+    example_inputs=lambda cfg: (jnp.zeros((1, 5, cfg.spatial_downscale, cfg.spatial_downscale,
+                                           cfg.in_channels // cfg.patch ** 2)),),
+    rules=lambda cfg: RULES, hf_config=vae_wan.diffusers_config, weights_file=DIFFUSERS_WEIGHTS,
+    reference=Reference(flag="wan_vae", help="preset (wan2.1, wan2.2) of an original Wan VAE .pth given as --src",
+                        convert="unimm_jax.convert.original:convert_wan_vae_cli"))
+
+
+def original_part(cfg: vae_wan.WanVAEConfig, required: bool = True) -> engine.Part:
+  """The original release's state dict (`Wan2.x_VAE.pth`, or TUNA's `vae.model.*`) as a conversion part."""
+  return engine.Part(original_rules(cfg), engine.flatten(abstract_params(FAMILY, cfg)), required=required)
