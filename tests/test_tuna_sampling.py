@@ -12,6 +12,7 @@ from test_tuna import _randomize
 from unimm_jax.data import packing
 from unimm_jax.data import tuna_sequences as ts
 from unimm_jax.models import tuna
+from unimm_jax.sampling import flow
 from unimm_jax.sampling import tuna as sampling
 from unimm_jax.training import tuna_objective as obj
 
@@ -27,9 +28,9 @@ def test_euler_reaches_the_endpoint_of_straight_flows_exactly():
   target = jax.random.normal(jax.random.key(0), (2, 6, 3))
   x0 = jax.random.normal(jax.random.key(1), (2, 6, 3))
   grid = sampling.time_grid(7, 3.0)
-  x1 = sampling.euler(lambda x, t: (target - x) / (1.0 - t), x0, grid)   # the optimal flow to `target`
+  x1 = flow.euler(lambda x, t: (target - x) / (1.0 - t), x0, grid)   # the optimal flow to `target`
   np.testing.assert_allclose(x1, target, atol=1e-5)
-  const = sampling.euler(lambda x, t: jnp.full_like(x, 0.5), x0, grid)
+  const = flow.euler(lambda x, t: jnp.full_like(x, 0.5), x0, grid)
   np.testing.assert_allclose(const, x0 + 0.5, atol=1e-6)
 
 

@@ -1,10 +1,11 @@
 """TUNA sampling: text-to-image and editing (Euler ODE + classifier-free guidance), understanding.
 
 Reference: tuna-2 tuna/pipelines/generation.py, editing.py, understanding.py, transport/.
-Time runs from 0 (noise) to 1 (clean). `steps = N` gives N grid points t = s / (s + k - k s),
-s = linspace(0, 1, N) (k = shift, 3 for TUNA), hence N - 1 model evaluations. Conditional and
-null branches share one batch: v = v_null + g (v_cond - v_null). An x0-predicting model (TUNA-2)
-is turned into a velocity v = (x1_hat - x_t) / (1 - t).
+TUNA's time runs from 0 (noise) to 1 (clean), t = 1 - sigma of sampling/flow.py (this is the edge where the
+conventions meet). `steps = N` gives N grid points t = s / (s + k - k s), s = linspace(0, 1, N) (k = shift, 3
+for TUNA) -- flow.shifted_grid seen from the clean end -- hence N - 1 model evaluations. Conditional and null
+branches share one batch: v = v_null + g (v_cond - v_null). An x0-predicting model (TUNA-2) is turned into
+the velocity dx/dt = (x1_hat - x_t) / (1 - t) = -flow.velocity_from_clean.
 Shapes: n images, N = h * w image tokens, o values per token, b rows of the batched branches.
 """
 
@@ -19,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
-from tqdm import tqdm
 
 from unimm_jax.data import packing
 from unimm_jax.data import tuna_sequences as ts
 from unimm_jax.models import qwen
 from unimm_jax.models.tuna import Tuna
+from unimm_jax.sampling import flow
 from unimm_jax.sampling.text import Generation, SamplerConfig, generate_from_embeddings
 
 
@@ -41,17 +42,8 @@ class FlowSamplerConfig:
 
 
 def time_grid(steps: int, shift: float) -> np.ndarray:
-  s = np.linspace(0.0, 1.0, steps, dtype=np.float64)
-  return (s / (s + shift - shift * s)).astype(np.float32)
-
-
-def euler(velocity: Callable[[jax.Array, jax.Array], jax.Array], x0: jax.Array, grid: np.ndarray,
-          progress: bool = False) -> jax.Array:
-  """Integrates dx/dt = velocity(x, t) over the grid from x(grid[0]) = x0."""
-  x = x0
-  for i in tqdm(range(len(grid) - 1), desc="sample", unit="step", disable=not progress):
-    x = x + float(grid[i + 1] - grid[i]) * velocity(x, jnp.float32(grid[i]))
-  return x
+  """TUNA's grid of t = 1 - sigma, from noise (0) to clean (1)."""
+  return (1.0 - flow.shifted_grid(steps, shift)).astype(np.float32)
 
 
 def _rows(samples: Sequence[dict], multiple: int = 16) -> tuple[list[dict], int]:
@@ -89,9 +81,8 @@ class TunaSampler:
       span_t = batch["span_t_clean"].at[np.arange(slots.shape[0]), span_of_target].set(t)
       pred = self._forward(self.params, {**batch, "x_t": x_t, "span_t": span_t})[rows, slots]
       if x0_prediction:
-        pred = (pred - xs) / jnp.maximum(1.0 - t, 1e-3)
-      branches = [pred[i * n:(i + 1) * n] for i in range(len(weights))]
-      return sum(w * v for w, v in zip(weights, branches))
+        pred = -flow.velocity_from_clean(pred, xs, 1.0 - t)
+      return flow.combine([pred[i * n:(i + 1) * n] for i in range(len(weights))], weights)
 
     return velocity
 
@@ -112,12 +103,13 @@ class TunaSampler:
     blank = np.zeros((h, w, o), np.float32)
     cond = [ts.t2i_sample(p, blank, self.tokens) for p in prompts]
     null = [ts.t2i_sample(negative, blank, self.tokens) for _ in prompts]
-    samples, weights = (cond, [1.0]) if cfg.guidance == 1.0 else (cond + null, [cfg.guidance, 1.0 - cfg.guidance])
+    weights = flow.text_guidance(cfg.guidance)
+    samples = cond if len(weights) == 1 else cond + null
     batch = self._batch(samples)
     slots = np.stack([_image_slots(s, 1) for s in samples])
     velocity = self._velocity_fn(batch, slots, np.zeros(len(samples), np.int32), weights)
     x0 = jax.random.normal(jax.random.key(seed), (len(prompts), h * w, o))
-    x1 = euler(velocity, x0, time_grid(cfg.steps, cfg.shift), progress)
+    x1 = flow.euler(velocity, x0, time_grid(cfg.steps, cfg.shift), progress)
     return np.asarray(x1).reshape(len(prompts), h, w, o)
 
   def edit(self, sources: Sequence[np.ndarray], instructions: Sequence[Sequence[int]], cfg: FlowSamplerConfig,
@@ -132,18 +124,18 @@ class TunaSampler:
     if cfg.image_guidance > 0:  # v = v_none + g_i (v_img - v_none) + g_t (v_full - v_img)
       none = [ts.t2i_sample(negative, blank, self.tokens) for _ in sources]
       samples = full + no_text + none
-      weights = [cfg.guidance, cfg.image_guidance - cfg.guidance, 1.0 - cfg.image_guidance]
+      weights = flow.image_text_guidance(cfg.guidance, cfg.image_guidance)
       spans = [2] * (2 * len(sources)) + [1] * len(sources)
-    elif cfg.guidance != 1.0:
-      samples, weights, spans = full + no_text, [cfg.guidance, 1.0 - cfg.guidance], [2] * (2 * len(sources))
     else:
-      samples, weights, spans = full, [1.0], [2] * len(sources)
+      weights = flow.text_guidance(cfg.guidance)
+      samples = full if len(weights) == 1 else full + no_text
+      spans = [2] * len(samples)
     batch = self._batch(samples)
     slots = np.stack([_image_slots(s, k) for s, k in zip(samples, spans)])
     velocity = self._velocity_fn(batch, slots, np.asarray(spans, np.int32) - 1, weights)
     h, w, o = sources[0].shape
     x0 = jax.random.normal(jax.random.key(seed), (len(sources), h * w, o))
-    x1 = euler(velocity, x0, time_grid(cfg.steps, cfg.shift), progress)
+    x1 = flow.euler(velocity, x0, time_grid(cfg.steps, cfg.shift), progress)
     return np.asarray(x1).reshape(len(sources), h, w, o)
 
   def understand(self, images: Sequence[np.ndarray], prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
