@@ -8,12 +8,8 @@ A scene is a tuple of `Obj(color, shape, cell, size, dx, dy)`: `cell` names one 
 a cell; a shape never leaves its cell. Images are uint8 [S S 3] (S = 32 or 64), drawn with hard edges, so
 every shape pixel is exactly a palette colour.
 
-Why 2x2 cells: a cell is then one image token of a model with patch S/2 (`configs/tuna_tiny.py`: 16-px
-patches at 32x32), so each object is whole in one token and a tiny model learns shapes, colours and their
-words per token instead of assembling a shape from the 2-4 patches a 3x3 grid cuts it into. Measured on
-`make demo` (3200 steps, same compute a step): the 3x3 world with 8-px patches reached single-object
-generation 0.20, colours 0.32 and shape answers 0.42; this one 0.78, 0.78 and 0.70. Left/right/top/bottom
-placement and relations remain; a position answer has 4 choices instead of 9.
+Why 2x2 cells: a cell is then one image token of a model with patch S/2 (`configs/tuna_tiny.py`), so each object
+is whole in one token (the measurements against a 3x3 world are in docs/demo.md).
 
 Records follow the canonical raw-record schema of `data/README.md`; `meta` (JSON) keeps the scene, the
 scene kind and, per stream, the question types (mmu records are conversations of up to `QA_TURNS`

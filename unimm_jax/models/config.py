@@ -1,26 +1,46 @@
-"""What every frozen model config shares: a JSON-able dict form and a strict way back.
+"""What every frozen model config shares: a JSON-able dict form and a strict way back, written once.
 
 Configs travel through unimm_config.json, ml_collections ConfigDicts and HF config.json files, all of
-which turn tuples into lists; the frozen dataclasses need tuples back to stay hashable (they are static
-arguments of jitted functions), and an unknown field is a typo or a newer version, so it is refused.
+which turn tuples into lists and nested configs into dicts; the frozen dataclasses need tuples back to stay
+hashable (they are static arguments of jitted functions) and their nested configs rebuilt, and an unknown
+field is a typo or a newer version, so it is refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 
 class DictConfig:
-  """Mixin for `@dataclasses.dataclass(frozen=True)` configs: `to_dict` and the strict `from_dict`."""
+  """Mixin for `@dataclasses.dataclass(frozen=True)` configs: `to_dict` and the strict `from_dict`.
+
+  Fields typed as another DictConfig (or `X | None`) are rebuilt recursively. RETIRED_FIELDS lists fields older
+  versions wrote and this one no longer has: dropped on read, so old checkpoints still load.
+  """
+
+  RETIRED_FIELDS: ClassVar[tuple[str, ...]] = ()
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]):
+    d = {k: v for k, v in d.items() if k not in cls.RETIRED_FIELDS}
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
       raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _value(hints[k], v) for k, v in d.items()})
+
+
+def _value(hint: Any, v: Any) -> Any:
+  if isinstance(v, Mapping):
+    nested = [t for t in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,))
+              if isinstance(t, type) and issubclass(t, DictConfig)]
+    if nested:
+      return nested[0].from_dict(v)
+  return tuple(v) if isinstance(v, list) else v

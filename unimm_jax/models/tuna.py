@@ -149,13 +149,6 @@ class TunaConfig(DictConfig):
       return part and dataclasses.replace(part, **{k: v for k, v in kw.items() if hasattr(part, k)})
     return dataclasses.replace(self, llm=set_on(self.llm), head=set_on(self.head), siglip=set_on(self.siglip))
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "TunaConfig":
-    d = dict(d)
-    d["llm"] = qwen.QwenConfig.from_dict(d["llm"])
-    d["head"] = TunaHeadConfig.from_dict(d["head"])
-    d["siglip"] = siglip.SiglipVisionConfig.from_dict(d["siglip"]) if d.get("siglip") else None
-    return super().from_dict(d)
 
 
 # Real sizes train and sample with bf16 compute and rematerialised layers.

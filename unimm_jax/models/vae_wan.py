@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,8 @@ class WanVAEConfig(DictConfig):
   tile_sample_stride: int = 192
   dtype: str = "float32"
   param_dtype: str = "float32"
+  # a TUNA's vae/ converted before 0.2 recorded latent_shift="std"; that is TunaConfig.latent_stats now
+  RETIRED_FIELDS: ClassVar[tuple[str, ...]] = ("latent_shift",)
 
   def __post_init__(self):
     if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
@@ -95,11 +97,6 @@ class WanVAEConfig(DictConfig):
   def latent_norm(self) -> LatentNorm:
     return LatentNorm(self.latents_mean, self.latents_std)
 
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "WanVAEConfig":
-    # Converted before 0.2, a TUNA's vae/ recorded latent_shift="std"; TUNA's latent statistics are now
-    # TunaConfig.latent_norm, so the field is dropped.
-    return super().from_dict({k: v for k, v in d.items() if k != "latent_shift"})
 
 
 PRESETS = {

@@ -15,7 +15,6 @@ clamped to 1), not the reference's NaN mean of nothing.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from unimm_jax.models.tuna import TunaOutput
+from unimm_jax.training import flow
 from unimm_jax.training.lm import next_token_targets
 
 
@@ -48,17 +48,11 @@ class FlowConfig:
     return cls(**{**dict(shift_seq_len=None, t_mean=-0.8, t_std=0.8, x0_weighting="velocity"), **overrides})
 
 
-def shift_mu(seq_len: int, base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-  """mu linear in seq_len through (256, base_shift) and (4096, max_shift)."""
-  return base_shift + (max_shift - base_shift) / (4096 - 256) * (seq_len - 256)
-
-
 def sample_t(rng: jax.Array, shape: tuple[int, ...], cfg: FlowConfig) -> jax.Array:
-  t = jax.nn.sigmoid(cfg.t_mean + cfg.t_std * jax.random.normal(rng, shape))
+  """TUNA's t = 1 - sigma (1 = clean): logit-normal, then the resolution shift applied to sigma."""
+  t = flow.logit_normal(rng, shape, cfg.t_mean, cfg.t_std)
   if cfg.shift_seq_len is not None:
-    mu = shift_mu(cfg.shift_seq_len, cfg.base_shift, cfg.max_shift)
-    s = 1 - t
-    t = 1 - math.exp(mu) / (math.exp(mu) + (1 / s - 1))
+    t = 1 - flow.time_shift(1 - t, flow.shift_mu(cfg.shift_seq_len, cfg.base_shift, cfg.max_shift))
   return t
 
 
@@ -72,8 +66,9 @@ def noise_batch(batch: Mapping[str, jax.Array], rng: jax.Array, cfg: FlowConfig)
   x1 = batch["x1"]
   x0 = jax.random.normal(noise_key, x1.shape, x1.dtype)
   image = ((batch["span_ids"] > 0) & ~batch["time_slot"])[..., None]
-  x_t = jnp.where(image, t_tok * x1 + (1 - t_tok) * x0, 0.0)
-  return {**batch, "span_t": span_t, "x_t": x_t, "t": t_tok[..., 0], "velocity": x1 - x0}
+  x_t = jnp.where(image, flow.add_noise(x1, x0, 1 - t_tok, alpha=t_tok), 0.0)
+  # TUNA's velocity dx/dt = x1 - x0 runs against sigma
+  return {**batch, "span_t": span_t, "x_t": x_t, "t": t_tok[..., 0], "velocity": -flow.velocity_target(x1, x0)}
 
 
 def normalizers(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -95,9 +90,9 @@ def tuna_loss(out: TunaOutput, batch: Mapping[str, jax.Array], norms: Mapping[st
   sq = jnp.where(mask, jnp.square(out.prediction.astype(jnp.float32) - target.astype(jnp.float32)), 0.0)
   if prediction == "x0" and cfg.x0_weighting == "velocity":
     sq = sq / jnp.square(jnp.maximum(1.0 - batch["t"], cfg.t_eps))[..., None]
-  flow = jnp.sum(sq) / norms["flow"]
+  flow_loss = jnp.sum(sq) / norms["flow"]
   targets, valid = next_token_targets(batch)
   ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], targets)
   ntp = jnp.sum(jnp.where(valid, ce, 0.0)) / norms["text"]
-  loss = cfg.flow_weight * flow + cfg.ntp_weight * ntp
-  return loss, {"loss_flow": flow, "loss_ntp": ntp}
+  loss = cfg.flow_weight * flow_loss + cfg.ntp_weight * ntp
+  return loss, {"loss_flow": flow_loss, "loss_ntp": ntp}
