@@ -2,7 +2,8 @@
 
 Every attention (LLM decoder, ViT encoders, flow head, DiTs) calls this function; backends plug in
 behind `impl`. Mask semantics are defined once, in `reference.py`. Every backend honours every
-argument or raises NotImplementedError naming it; none drops one.
+argument or raises NotImplementedError naming it; none drops one. Under a mesh the Pallas kernels run
+per device (kernels/partition.py).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from unimm_jax.kernels import pallas, reference
+from unimm_jax.kernels import pallas, partition, reference
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
 
@@ -43,7 +44,9 @@ def attention(
   impl: "xla" (reference), "cudnn" (jax.nn.dot_product_attention; no segments or spans),
   "pallas" (flash attention kernels for the platform: Triton on GPU, Mosaic on TPU, the Triton kernels in
   interpret mode on CPU), "pallas_gpu" / "pallas_tpu" (those kernels whatever the platform, e.g. to lower
-  for another platform or to interpret on CPU), "auto" (pallas on GPU/TPU, xla on CPU).
+  for another platform or to interpret on CPU), "auto" (pallas on GPU/TPU, xla on CPU). Under a mesh
+  (`jax.set_mesh`) and logical rules, the Pallas kernels run per device on the batch rows and heads the
+  rules give each device (kernels/partition.py).
   block_q / block_k: Pallas tile sizes (defaults per target in kernels/pallas.py). interpret: run the
   Pallas kernels in interpret mode (default: on CPU only). Other impls raise NotImplementedError on them.
   """
@@ -92,10 +95,15 @@ def attention(
   if span_ids is not None and span_ids.shape != (b, t):
     raise ValueError(f"attention: span_ids {span_ids.shape} must be [b t]={(b, t)}")
   if impl.startswith("pallas"):
-    return pallas.pallas_attention(
-        q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids, causal=causal,
-        sm_scale=sm_scale, target=impl.removeprefix("pallas_"),
-        interpret=platform == "cpu" if interpret is None else interpret, block_q=block_q, block_k=block_k)
+    def flash(q, k, v, segment_ids, kv_segment_ids, span_ids):
+      return pallas.pallas_attention(
+          q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids, causal=causal,
+          sm_scale=sm_scale, target=impl.removeprefix("pallas_"),
+          interpret=platform == "cpu" if interpret is None else interpret, block_q=block_q, block_k=block_k)
+    shard = partition.plan(b, h, kh)
+    if shard is None:
+      return flash(q, k, v, segment_ids, kv_segment_ids, span_ids)
+    return partition.sharded(flash, shard, q, k, v, segment_ids, kv_segment_ids, span_ids)
   return reference.attention_reference(
       q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids,
       causal=causal, sm_scale=sm_scale)
