@@ -23,7 +23,7 @@ def pick(table: Mapping[str, Any], arg: str, file: str) -> Any:
 
 def train_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = "lm"                 # key of unimm_jax.training.trainer.TASKS
+  c.task = "lm"                 # key of unimm_jax.registry.TASKS
   c.seed = 0
   c.steps = 1000
   c.batch_size = 8              # global examples per optimizer step (over all processes)

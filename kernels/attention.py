@@ -2,7 +2,8 @@
 
 Every attention (LLM decoder, ViT encoders, flow head, DiTs) calls this function; backends plug in
 behind `impl`. Mask semantics are defined once, in `reference.py`. Every backend honours every
-argument or raises NotImplementedError naming it; none drops one.
+argument or raises NotImplementedError naming it; none drops one. Under a mesh the Pallas kernels run
+per device (kernels/partition.py); `impl="auto"` uses them only where they were proven (PROVEN).
 """
 
 from __future__ import annotations
@@ -12,9 +13,44 @@ import math
 import jax
 import jax.numpy as jnp
 
-from unimm_jax.kernels import pallas, reference
+from unimm_jax.kernels import pallas, partition, reference
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
+
+# Pallas kernel families that passed scripts/device_check.py's correctness suite with interpret=False, per
+# device: (impl, jax.Device.device_kind) -> "date, commit" of that run (its report is quoted in
+# docs/performance.md, "Proven backends"). `impl="auto"` picks a Pallas kernel only on a device listed here.
+# No GPU or TPU has been available to the project yet: no entry, so auto picks cuDNN or XLA there.
+PROVEN: dict[tuple[str, str], str] = {}
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _cudnn_handles(q: jax.Array, k: jax.Array, v: jax.Array, masked: bool, shard) -> bool:
+  """Whether jax.nn.dot_product_attention(implementation="cudnn") takes this call (JAX's checks in
+  jax/_src/cudnn/fused_attention_stablehlo.py, kept conservative): an NVIDIA GPU of compute capability
+  >= 8.0, no segment or span ids, bf16/fp16, head dim a multiple of 8 up to 128, and q/k/v split alike
+  under the mesh (its partitioner refuses kv heads sharded differently from the query heads)."""
+  if masked or any(x.dtype not in CUDNN_DTYPES for x in (q, k, v)) or q.shape[3] % 8 or q.shape[3] > 128:
+    return False
+  if shard is not None and shard.kv_heads != shard.heads:
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", "")
+  try:
+    return tuple(int(x) for x in capability.split(".")) >= (8, 0)
+  except ValueError:  # not a CUDA device (e.g. ROCm reports gfx names)
+    return False
+
+
+def auto_impl(q: jax.Array, k: jax.Array, v: jax.Array, *, masked: bool) -> str:
+  """The backend `impl="auto"` picks on this platform: a proven Pallas family, else cuDNN where it handles
+  the call (GPU, no segment/span ids: `masked` False), else the XLA reference."""
+  platform, device = jax.default_backend(), jax.devices()[0]
+  family = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform)
+  if family and (family, device.device_kind) in PROVEN:
+    return family
+  if platform == "gpu" and _cudnn_handles(q, k, v, masked, partition.plan(q.shape[0], q.shape[2], k.shape[2])):
+    return "cudnn"
+  return "xla"
 
 
 def attention(
@@ -43,7 +79,10 @@ def attention(
   impl: "xla" (reference), "cudnn" (jax.nn.dot_product_attention; no segments or spans),
   "pallas" (flash attention kernels for the platform: Triton on GPU, Mosaic on TPU, the Triton kernels in
   interpret mode on CPU), "pallas_gpu" / "pallas_tpu" (those kernels whatever the platform, e.g. to lower
-  for another platform or to interpret on CPU), "auto" (pallas on GPU/TPU, xla on CPU).
+  for another platform or to interpret on CPU), "auto" (`auto_impl`: a Pallas family only on a device in
+  PROVEN, else cuDNN on GPU where it handles the call, else xla). Under a mesh (`jax.set_mesh`) and logical
+  rules, the Pallas kernels run per device on the batch rows and heads the rules give each device
+  (kernels/partition.py); a Pallas kernel that fails to compile raises pallas.KernelCompileError.
   block_q / block_k: Pallas tile sizes (defaults per target in kernels/pallas.py). interpret: run the
   Pallas kernels in interpret mode (default: on CPU only). Other impls raise NotImplementedError on them.
   """
@@ -63,7 +102,7 @@ def attention(
     sm_scale = 1.0 / math.sqrt(e)
   platform = jax.default_backend()
   if impl == "auto":
-    impl = "pallas" if platform in ("gpu", "tpu") else "xla"
+    impl = auto_impl(q, k, v, masked=any(x is not None for x in (segment_ids, kv_segment_ids, span_ids)))
   if impl == "pallas":
     impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
   if not impl.startswith("pallas"):
@@ -92,10 +131,15 @@ def attention(
   if span_ids is not None and span_ids.shape != (b, t):
     raise ValueError(f"attention: span_ids {span_ids.shape} must be [b t]={(b, t)}")
   if impl.startswith("pallas"):
-    return pallas.pallas_attention(
-        q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids, causal=causal,
-        sm_scale=sm_scale, target=impl.removeprefix("pallas_"),
-        interpret=platform == "cpu" if interpret is None else interpret, block_q=block_q, block_k=block_k)
+    def flash(q, k, v, segment_ids, kv_segment_ids, span_ids):
+      return pallas.pallas_attention(
+          q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids, causal=causal,
+          sm_scale=sm_scale, target=impl.removeprefix("pallas_"),
+          interpret=platform == "cpu" if interpret is None else interpret, block_q=block_q, block_k=block_k)
+    shard = partition.plan(b, h, kh)
+    if shard is None:
+      return flash(q, k, v, segment_ids, kv_segment_ids, span_ids)
+    return partition.sharded(flash, shard, q, k, v, segment_ids, kv_segment_ids, span_ids)
   return reference.attention_reference(
       q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids,
       causal=causal, sm_scale=sm_scale)

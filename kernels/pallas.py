@@ -18,7 +18,12 @@ from einops import rearrange
 from unimm_jax.kernels import blocks, flash_gpu, flash_tpu
 
 TARGETS = {"gpu": flash_gpu, "tpu": flash_tpu}
+COMPILERS = {"gpu": "Triton", "tpu": "Mosaic"}
 DEFAULT_BLOCKS = {"gpu": (128, 64), "tpu": (128, 128)}
+
+
+class KernelCompileError(RuntimeError):
+  """A Pallas attention kernel did not lower or compile for this device (the compiler's error is the cause)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +107,34 @@ def _flash_bwd(cfg, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_and_backward(cfg: TileConfig, q, k, v, ids, lists, lists_t):
+  out, vjp = jax.vjp(lambda q, k, v: _flash(cfg, q, k, v, ids, lists, lists_t), q, k, v)
+  return out, vjp(out)
+
+
+def check_compiles(cfg: TileConfig, args: tuple, where: str) -> None:
+  """Compiles the forward, dq and dk/dv kernels alone for these operands (the padded `_flash` arguments) and
+  turns a failure into a KernelCompileError naming the backend, the shapes and the way out.
+
+  Inside a model the kernels are compiled by XLA with the whole step, whose error would name neither the
+  attention nor the options; never falling back keeps the numerics the caller asked for. JAX caches the
+  compilation, so every layer of one shape costs one check.
+  """
+  try:
+    _forward_and_backward.trace(cfg, *jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)) \
+        .lower().compile()
+  except Exception as err:  # any lowering or compiler failure: re-raised below with its context
+    device = jax.devices()[0].device_kind
+    reason = (str(err).strip().splitlines() or [""])[0][:300].rstrip(".")
+    raise KernelCompileError(
+        f"attention impl='pallas_{cfg.target}': the {COMPILERS[cfg.target]} kernels do not compile on {device} "
+        f"for {where}, tiles {cfg.block_q}x{cfg.block_k}, head dim padded to {cfg.head_dim}, causal={cfg.causal}: "
+        f"{type(err).__name__}: {reason}. Choose another backend with impl='xla' (any mask) or impl='cudnn' "
+        f"(NVIDIA GPU, no segment/span ids), e.g. the model config's attention_impl, or other tile sizes "
+        f"with block_q / block_k.") from err
+
+
 def pallas_attention(
     q: jax.Array,
     k: jax.Array,
@@ -140,5 +173,9 @@ def pallas_attention(
   lists_t = blocks.tile_lists(jnp.swapaxes(visible, 1, 2), jnp.swapaxes(full, 1, 2))
   ids = (q_seg[:, :, None], k_seg[:, None, :], None if q_span is None else q_span[:, :, None],
          None if k_span is None else k_span[:, None, :])
-  out = _flash(cfg, heads_major(q, big_t), heads_major(k, big_s), heads_major(v, big_s), ids, lists, lists_t)
+  args = (heads_major(q, big_t), heads_major(k, big_s), heads_major(v, big_s), ids, lists, lists_t)
+  if not interpret and jax.default_backend() == target:  # lowering for another platform compiles nothing here
+    check_compiles(cfg, args, f"q {tuple(q.shape)} k/v {tuple(k.shape)} {jnp.dtype(dtype).name}"
+                              f"{' with span ids' if span_ids is not None else ''}")
+  out = _flash(cfg, *args)
   return rearrange(out[:, :, :t, :e], "b h t e -> b t h e").astype(q.dtype)

@@ -80,8 +80,8 @@ def main():
       fh.write("import absl.app, absl.flags\nimport unimm_jax.convert.hf\n")  # what convert.py imports
     base, _ = child_peak_rss([baseline_script])
     peak, secs = child_peak_rss(["scripts/convert.py", "--src", src, "--dst", os.path.join(tmp, "out")])
-  print(f"| checkpoint | peak RSS | baseline (imports) | peak - baseline | (peak - baseline) / size | time |")
-  print(f"|---|---|---|---|---|---|")
+  print("| checkpoint | peak RSS | baseline (imports) | peak - baseline | (peak - baseline) / size | time |")
+  print("|---|---|---|---|---|---|")
   print(f"| {size / 1e9:.2f} GB | {peak / 1e9:.2f} GB | {base / 1e9:.2f} GB | {(peak - base) / 1e9:.2f} GB | "
         f"{(peak - base) / size:.2f}x (peak / size {peak / size:.2f}x) | {secs:.1f} s |")
 

@@ -4,6 +4,7 @@ Every check compares outputs and dq/dk/dv with reference.py at 2e-5 (fp32). `tar
 kernels (loop over visible tiles), "tpu" the Mosaic ones (scalar-prefetched grid); both interpret on CPU.
 """
 
+import os
 import re
 
 import hypothesis
@@ -269,3 +270,59 @@ def test_auto_picks_xla_on_cpu_and_pallas_interprets_by_default():
       q, k, v, segment_ids=seg, causal=True, impl="pallas", block_q=16, block_k=16))(q, k, v)
   np.testing.assert_array_equal(auto, kernels.attention(q, k, v, segment_ids=seg, causal=True, impl="xla"))
   np.testing.assert_allclose(pallas, auto, atol=TOL, rtol=0)
+
+
+class FakeDevice:
+  """What auto_impl reads of a device: its kind and, on CUDA, its compute capability."""
+
+  def __init__(self, kind: str, capability: str | None = None):
+    self.device_kind = kind
+    if capability is not None:
+      self.compute_capability = capability
+
+
+def test_auto_picks_a_pallas_kernel_only_on_a_device_where_it_was_proven(monkeypatch):
+  q, kv = jax.ShapeDtypeStruct((2, 64, 4, 128), jnp.bfloat16), jax.ShapeDtypeStruct((2, 64, 2, 128), jnp.bfloat16)
+  auto = lambda q=q, kv=kv, masked=False: kernels.auto_impl(q, kv, kv, masked=masked)
+
+  def on(platform, device):
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    monkeypatch.setattr(jax, "devices", lambda *_: [device])
+
+  assert auto() == "xla"  # this CPU
+  h200, a100 = FakeDevice("NVIDIA H200", "9.0"), FakeDevice("NVIDIA A100-SXM4-80GB", "8.0")
+  on("gpu", h200)
+  assert (auto(), auto(masked=True)) == ("cudnn", "xla")  # cuDNN cannot express segment or span ids
+  assert auto(q=q.update(dtype=jnp.float32), kv=kv.update(dtype=jnp.float32)) == "xla"
+  assert auto(q=q.update(shape=(2, 64, 4, 72)), kv=kv.update(shape=(2, 64, 2, 72))) == "cudnn"
+  assert auto(q=q.update(shape=(2, 64, 4, 256)), kv=kv.update(shape=(2, 64, 2, 256))) == "xla"
+  on("gpu", FakeDevice("AMD Instinct MI300X", "gfx942"))
+  assert auto() == "xla"
+  on("tpu", FakeDevice("TPU v5 lite"))
+  assert auto(masked=True) == "xla"
+
+  monkeypatch.setitem(kernels.PROVEN, ("pallas_gpu", "NVIDIA H200"), "test entry")
+  monkeypatch.setitem(kernels.PROVEN, ("pallas_tpu", "TPU v5 lite"), "test entry")
+  on("gpu", h200)
+  assert (auto(), auto(masked=True)) == ("pallas_gpu", "pallas_gpu")
+  on("gpu", a100)  # proven on another device only
+  assert (auto(), auto(masked=True)) == ("cudnn", "xla")
+  on("tpu", FakeDevice("TPU v5 lite"))
+  assert auto(masked=True) == "pallas_tpu"
+
+
+def test_proven_table_in_code_equals_the_one_in_the_docs():
+  with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "performance.md")) as f:
+    section = f.read().split("## Proven backends", 1)[1].split("\n## ", 1)[0]
+  rows = re.findall(r"^\| `(pallas_\w+)` \| (.+?) \| (.+?) \|", section, flags=re.MULTILINE)
+  assert {(impl, kind) for impl, kind, _ in rows} == set(kernels.PROVEN)
+
+
+def test_pallas_compile_failure_names_the_backend_the_shapes_and_other_impls(monkeypatch):
+  """On a "GPU" (the platform name patched) the Triton kernels really compile, for this CPU, and fail."""
+  q, k, v = random_qkv(np.random.default_rng(15), 1, 8, 8, 2, 2, 16)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(kernels.KernelCompileError, match=r"impl='pallas_gpu'.*Triton.*q \(1, 8, 2, 16\).*impl='xla'") \
+      as info:
+    kernels.attention(q, k, v, impl="pallas", interpret=False)
+  assert "Only interpret mode" in str(info.value) and isinstance(info.value.__cause__, Exception)
