@@ -7,7 +7,7 @@ loss falls. The tail of some rows is padding.
 
 Record (numpy, shapes per row):
   input_ids   [t] int32   tokens; 0 on padding
-  labels      [t] int32   = input_ids, -100 on padding (next-token targets are shifted by the task)
+  labels      [t] int32   = input_ids, IGNORE on padding (next-token targets are shifted by the task)
   segment_ids [t] int32   1, 2, ... per document, 0 on padding
   positions   [t] int32   position within each document, 0 on padding
 """
@@ -20,7 +20,7 @@ from typing import Any
 import grain
 import numpy as np
 
-IGNORE_LABEL = -100
+from unimm_jax.schema import IGNORE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ class SyntheticTokens:
       seg[start:start + n] = doc
       pos[start:start + n] = np.arange(n)
       start, doc = start + n, doc + 1
-    labels = np.where(seg > 0, ids, IGNORE_LABEL).astype(np.int32)
+    labels = np.where(seg > 0, ids, IGNORE).astype(np.int32)
     return {"input_ids": ids, "labels": labels, "segment_ids": seg, "positions": pos}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from einops import rearrange
 
+from unimm_jax import schema
 from unimm_jax.data import pipeline, shapes
 from unimm_jax.data import tuna_sequences as ts
 from unimm_jax.models import tuna
@@ -67,7 +68,7 @@ def tuna_pipeline(streams: list[pipeline.Stream], *, tokenizer: Any, patch: int,
   prepare = pipeline.Prepare(tokenizer, builder, buckets=buckets, chat_template=chat_template)
   return pipeline.Pipeline(
       streams, prepare, row_length=row_length, batch_size=batch_size, seed=seed, shard_index=shard_index,
-      shard_count=shard_count, pad_values={"labels": ts.IGNORE},
+      shard_count=shard_count, pad_values={"labels": schema.IGNORE},
       collate_fn=functools.partial(ts.to_batch, max_spans=max_spans, token_features=patch * patch * channels))
 
 

@@ -10,7 +10,7 @@ Layouts (reference: tuna-2 tuna/data/tokenize_utils.py), with each image a span
 Deviation from the reference, on purpose: its datasets reserve h*w slots per image for a span of
 1 + h*w, silently dropping the last image token; here every span has 1 + h*w slots.
 
-A sample (see data/packing.py) has per-token arrays: tokens, labels (target token or -100, aligned
+A sample (see data/packing.py) has per-token arrays: tokens, labels (target token or IGNORE, aligned
 with tokens: CE compares logits[i - 1] with labels[i]), span_local, time_slot, img_y, img_x, img_h,
 img_w, clean (span forced to t = 1), flow (image token in the flow loss); its attachments are
 (offset of the first image token, patches [h*w o]) per image.
@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-IGNORE = -100
+from unimm_jax.schema import IGNORE
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +133,7 @@ def text_sample(ids: Sequence[int], tok: TunaTokens) -> dict[str, Any]:
 
 
 def to_batch(rows: Sequence[Mapping[str, Any]], max_spans: int, token_features: int) -> dict[str, np.ndarray]:
-  """Packed rows (data.packing.pack_row) -> the model batch (unimm_jax.models.tuna.BATCH_KEYS, with
+  """Packed rows (data.packing.pack_row) -> the model batch (unimm_jax.schema.KEYS, with
   x1 [b t o] clean patches instead of x_t) plus labels, flow_mask and span_clean [b n]."""
   b, t = len(rows), len(rows[0]["tokens"])
   out = {

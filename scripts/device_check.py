@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from unimm_jax import kernels  # noqa: E402
+from unimm_jax import kernels, schema  # noqa: E402
 from unimm_jax.data import packing  # noqa: E402
 from unimm_jax.data import tuna_sequences as ts  # noqa: E402
 from unimm_jax.kernels import segments  # noqa: E402
@@ -265,7 +265,8 @@ def sampling(dry_run: bool, impls: list[str], images: int, steps: int) -> dict:
     try:
       cfg = tuna_task.config_from(tuna_config(dry_run, impl, 1))
       module = tuna.Tuna(cfg)
-      params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), tuna.model_inputs(cfg, 16, 1))["params"])
+      inputs = schema.example_inputs(cfg.token_features, 16, 1)
+      params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), inputs)["params"])
       sampler = tuna_sampling.TunaSampler(module, params, TOKENS)
       prompts = [list(range(10 + i, 34 + i)) for i in range(images)]
       start = time.perf_counter()

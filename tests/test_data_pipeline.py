@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from unimm_jax import schema
 from unimm_jax.data import packing, pipeline, shapes, sources, transforms
 from unimm_jax.data import tuna_sequences as ts
 from unimm_jax.data.tuna_data import TunaBuilder
@@ -394,7 +395,7 @@ def test_every_answer_of_a_conversation_carries_the_loss(tokenizer):
   assert _marked(tokenizer, chat["text_ids"], chat["text_loss"]) == [f"{a} <|im_end|> \n" for a in answers]
   # the TUNA sample labels exactly those answers and the final one
   sample = TunaBuilder(ts.TunaTokens.from_tokenizer(tokenizer), 8, 3)(ex)
-  labelled = sample["labels"] != ts.IGNORE
+  labelled = sample["labels"] != schema.IGNORE
   assert np.array_equal(sample["labels"][labelled], sample["tokens"][labelled])
   assert _marked(tokenizer, sample["tokens"], labelled) == [f"{a} {eos}" for a in [*answers, record["answer"]]]
 

@@ -18,8 +18,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from configs import qwen_lm  # noqa: E402
-from unimm_jax import registry
-from unimm_jax import sharding  # noqa: E402
+from unimm_jax import registry, schema, sharding  # noqa: E402
 from unimm_jax.training import lm, metrics, optim, trainer  # noqa: E402
 from unimm_jax.training.task import Task  # noqa: E402
 
@@ -278,7 +277,7 @@ def test_processes_read_their_own_rows_that_stack_to_the_one_process_batch():
   for key in one:
     np.testing.assert_array_equal(np.concatenate([t[key] for t in two]), one[key])
   seg, labels = one["segment_ids"], one["labels"]
-  assert (labels[seg == 0] == lm.IGNORE_LABEL).all() and (seg.max(1) >= 1).all()
+  assert (labels[seg == 0] == schema.IGNORE).all() and (seg.max(1) >= 1).all()
 
 
 def test_next_token_targets_stop_at_document_boundaries_padding_and_loss_mask():

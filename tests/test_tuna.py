@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tuna_tiny
+from unimm_jax import schema
 from unimm_jax.models import tuna, tuna_head
 from unimm_jax.training import tuna_objective as obj
 
@@ -283,7 +284,7 @@ def test_every_tuna_param_is_annotated_and_fsdp_leaves_under_2_percent_replicate
   from configs import tuna as tuna_configs
   from unimm_jax import sharding
   cfg = tuna_configs.model_config(variant)
-  boxed = jax.eval_shape(tuna.Tuna(cfg).init, jax.random.key(0), tuna.model_inputs(cfg))["params"]
+  boxed = jax.eval_shape(tuna.Tuna(cfg).init, jax.random.key(0), schema.example_inputs(cfg.token_features))["params"]
   leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   for path, leaf in leaves:
     assert isinstance(leaf, nn.Partitioned), f"{jax.tree_util.keystr(path)} has no logical names"

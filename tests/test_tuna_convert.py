@@ -14,6 +14,7 @@ import transformers
 import hf_tiny
 import unimm_jax
 import vae_tiny
+from unimm_jax import schema
 from unimm_jax.convert import engine
 from unimm_jax.convert import tuna as tuna_convert
 from unimm_jax.convert.maps import tuna as tuna_map
@@ -35,7 +36,7 @@ def _reference_checkpoint(tmp_path):
   sc = dataclasses.replace(siglip.config_from_hf(sig_cfg), post_layernorm=False, use_head=False, feature_layer=-2)
   head = TunaHeadConfig(embed=64, mlp=112, depth=2, heads=4, kv_heads=2, head_dim=16, out_features=8)
   cfg = tuna.TunaConfig(llm=llm, head=head, encoder="siglip", siglip=sc, channels=8, patch=1)
-  ours = jax.tree.map(np.asarray, tuna.Tuna(cfg).init(jax.random.key(0), tuna.model_inputs(cfg))["params"])
+  ours = jax.tree.map(np.asarray, tuna.Tuna(cfg).init(jax.random.key(0), schema.example_inputs(cfg.token_features))["params"])
   ours = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, ours, is_leaf=lambda x: hasattr(x, "value"))
   head_only = {k: v for k, v in engine.flatten(ours).items() if k.split("/")[0] in
                ("diffusion_head_b", "time_embed", "siglip_proj") or k.startswith("diffusion_head_a")}
@@ -91,5 +92,5 @@ def test_saved_tuna_directory_loads_with_its_vae(converted):
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, loaded.params), params)
   vae = tuna_convert.load_vae(str(tmp_path / "ours"))
   assert vae.family == "vae_wan"
-  out = loaded.module.apply({"params": loaded.params}, tuna.model_inputs(cfg2))
+  out = loaded.module.apply({"params": loaded.params}, schema.example_inputs(cfg2.token_features))
   assert np.all(np.isfinite(out.prediction))

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from unimm_jax import api, checkpoint
+from unimm_jax import api, checkpoint, schema
 from unimm_jax.convert import engine, hf, original, sources
 from unimm_jax.convert.errors import ConversionError
 from unimm_jax.convert.family import abstract_params
@@ -63,7 +63,8 @@ def init_from_parts(cfg: tuna.TunaConfig, *, llm: str, siglip: str | None = None
   if theirs != ours:
     diff = {k: (theirs[k], ours.get(k)) for k in theirs if theirs[k] != ours.get(k)}
     raise ConversionError(f"{llm}: LLM config differs from the TUNA config's llm (checkpoint, config): {diff}")
-  params = jax.tree.map(np.asarray, dict(tuna.Tuna(cfg).init(jax.random.key(seed), tuna.model_inputs(cfg))["params"]))
+  inputs = schema.example_inputs(cfg.token_features)
+  params = jax.tree.map(np.asarray, dict(tuna.Tuna(cfg).init(jax.random.key(seed), inputs)["params"]))
   params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
                         is_leaf=lambda x: hasattr(x, "value"))
   llm_params = jax.tree.map(np.asarray, llm_loaded.params)

@@ -15,7 +15,7 @@ embedding + RMSNorm (TUNA-2). The time slot holds the image's timestep embedding
 decoder runs over the row; the flow head reads its last hidden state and predicts, per image token,
 the velocity x1 - x0 (or x1 for x0-prediction), with t = 1 meaning clean.
 
-The packed batch (`TunaBatch` keys, all [b t] unless noted) is documented in `BATCH_KEYS`.
+The packed batch is the schema of unimm_jax/batch.py (`batch.KEYS`; the model reads `schema.MODEL_INPUTS`).
 """
 
 from __future__ import annotations
@@ -28,31 +28,20 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from einops import rearrange
 
+from unimm_jax import schema
 from unimm_jax.layers import DenseGeneral, RMSNorm
 from unimm_jax.layers.modulation import TimestepEmbedder
 from unimm_jax.layers.stack import build_layers, run_layers
 from unimm_jax.models import qwen, siglip
 from unimm_jax.models.codec import LatentNorm
 from unimm_jax.models.config import DictConfig
-from unimm_jax.models.tuna_head import FinalLayer, ModulatedBlock, TunaHeadConfig, gather_spans, tuna_rope_fn
+from unimm_jax.models.tuna_head import FinalLayer, ModulatedBlock, TunaHeadConfig, tuna_rope_fn
 
 ENCODERS = ("siglip", "patch")
 PREDICTIONS = ("velocity", "x0")
 LATENT_STATS = ("mean_is_std", "codec")
-BATCH_KEYS = {
-    "tokens": "int32 [b t] token ids; image slots hold <|image_pad|>",
-    "segment_ids": "int32 [b t] sample of the row 1..m, 0 = padding",
-    "positions": "int32 [b t] LLM position, restarting at 0 per sample",
-    "span_ids": "int32 [b t] image span 1..n of the row (time slot + image tokens), 0 elsewhere",
-    "time_slot": "bool [b t] first slot of a span (the time token)",
-    "thw": "int32 [b t 3] (frame, row, column) of an image token in its image's token grid, 0 elsewhere",
-    "span_hw": "int32 [b n 2] token-grid (rows, columns) of span i + 1; (0, 0) = no span",
-    "span_t": "float32 [b n] time of span i + 1 (1 = clean)",
-    "x_t": "float [b t o] noisy patches at image tokens, 0 elsewhere",
-}
 
 
 SIGLIP_ON_LATENTS = siglip.SiglipVisionConfig.so400m(
@@ -242,12 +231,12 @@ class Tuna(nn.Module):
   def encode_images(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     """x_t at image tokens -> LLM embeddings [b t d] (garbage outside image tokens; masked by the caller)."""
     cfg = self.cfg
-    image = (batch["span_ids"] > 0) & ~batch["time_slot"]
+    image = schema.image_tokens(batch["span_ids"], batch["time_slot"])
     x_t = batch["x_t"]
     if cfg.encoder == "patch":
       return self.vision_encoder(x_t, batch["thw"])
     seg = jnp.where(image, batch["span_ids"], 0)
-    width = jnp.maximum(gather_spans(batch["span_hw"], batch["span_ids"], 0)[..., 1], 1)
+    width = jnp.maximum(schema.gather_spans(batch["span_hw"], batch["span_ids"], 0)[..., 1], 1)
     pos = batch["thw"][..., 1] * width + batch["thw"][..., 2]
     feats = self.vision_model(patches=x_t, spatial_shapes=batch["span_hw"], segment_ids=seg, positions=pos)
     return self.siglip_proj(feats.last_hidden_state)
@@ -258,17 +247,15 @@ class Tuna(nn.Module):
     span_ids, time_slot = batch["span_ids"], batch["time_slot"]
     if t_embed is None:
       t_embed = self.time_embed(batch["span_t"])
-    image = ((span_ids > 0) & ~time_slot)[..., None]
+    image = schema.image_tokens(span_ids, time_slot)[..., None]
     x = self.llm.embed(batch["tokens"])
     x = jnp.where(image, self.encode_images(batch).astype(x.dtype), x)
-    return jnp.where(time_slot[..., None], gather_spans(t_embed, span_ids, 0.0).astype(x.dtype), x)
+    return jnp.where(time_slot[..., None], schema.gather_spans(t_embed, span_ids, 0.0).astype(x.dtype), x)
 
   def __call__(self, batch: Mapping[str, jax.Array], *, return_logits: bool = True,
                return_hidden_states: bool = False) -> TunaOutput:
-    """Packed batch (BATCH_KEYS) -> logits at every position and the flow prediction at every position."""
-    missing = sorted(set(BATCH_KEYS) - set(batch))
-    if missing:
-      raise ValueError(f"Tuna: batch is missing {missing}; expected keys: {sorted(BATCH_KEYS)}")
+    """Packed batch (schema.MODEL_INPUTS) -> logits at every position and the flow prediction at every position."""
+    schema.check(batch, "Tuna")
     span_ids, time_slot = batch["span_ids"], batch["time_slot"]
     t_embed = self.time_embed(batch["span_t"])                                    # [b n d]
     x = self.embed_inputs(batch, t_embed)
@@ -279,23 +266,3 @@ class Tuna(nn.Module):
     h, _, _ = run_layers(self.diffusion_head_a, h, None, t_embed, span_ids, rope_fn, batch["segment_ids"])
     prediction = self.diffusion_head_b(h, t_embed, span_ids)
     return TunaOutput(logits=out.logits, prediction=prediction.astype(jnp.float32), hidden_states=out.hidden_states)
-
-
-def example_batch(cfg: TunaConfig, row_length: int, max_spans: int, batch: int = 1) -> dict[str, np.ndarray]:
-  """A zero batch of the model's input shapes, with clean patches x1 (data.tuna_sequences.to_batch);
-  `model_inputs` adds x_t and span_t for init and abstract shapes."""
-  o = cfg.token_features
-  return {
-      "tokens": np.zeros((batch, row_length), np.int32), "labels": np.full((batch, row_length), -100, np.int32),
-      "segment_ids": np.ones((batch, row_length), np.int32), "positions": np.zeros((batch, row_length), np.int32),
-      "span_ids": np.zeros((batch, row_length), np.int32), "time_slot": np.zeros((batch, row_length), bool),
-      "flow_mask": np.zeros((batch, row_length), bool), "thw": np.zeros((batch, row_length, 3), np.int32),
-      "span_hw": np.zeros((batch, max_spans, 2), np.int32), "span_clean": np.zeros((batch, max_spans), bool),
-      "x1": np.zeros((batch, row_length, o), np.float32),
-  }
-
-
-def model_inputs(cfg: TunaConfig, row_length: int = 16, max_spans: int = 1) -> dict[str, jax.Array]:
-  """example_batch + the clean x_t / span_t the model takes: the inputs of `Tuna.init`."""
-  b = {k: jnp.asarray(v) for k, v in example_batch(cfg, row_length, max_spans).items()}
-  return {**b, "x_t": b["x1"], "span_t": jnp.ones((1, max_spans), jnp.float32)}

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from unimm_jax import schema
 from unimm_jax.layers import Attention, DenseGeneral, GatedMLP, RMSNorm, apply_rope
 from unimm_jax.layers.modulation import AdaLNModulation, modulate
 from unimm_jax.layers.rope import llama3_inv_frequencies, rope_angles_thw
@@ -45,13 +46,6 @@ class TunaHeadConfig(DictConfig):
   attention_impl: str = "auto"
 
 
-def gather_spans(table: jax.Array, span_ids: jax.Array, outside: float) -> jax.Array:
-  """Per-span rows [b n d] -> per-token [b t d]: row span_ids - 1 inside a span, `outside` elsewhere."""
-  idx = jnp.clip(span_ids - 1, 0, table.shape[1] - 1)[..., None]
-  rows = jnp.take_along_axis(table, idx, axis=1)
-  return jnp.where(span_ids[..., None] > 0, rows, jnp.asarray(outside, table.dtype))
-
-
 def tuna_rope_fn(cfg: TunaHeadConfig, positions: jax.Array, span_ids: jax.Array, time_slot: jax.Array,
                  thw: jax.Array) -> Callable[[jax.Array], jax.Array]:
   """RoPE by token class: positions [b t], span_ids [b t], time_slot [b t] bool, thw [b t 3] -> rope_fn."""
@@ -60,7 +54,7 @@ def tuna_rope_fn(cfg: TunaHeadConfig, positions: jax.Array, span_ids: jax.Array,
   text_angles = positions.astype(jnp.float32)[..., None] * inv
   image_angles = rope_angles_thw(thw, cfg.head_dim, cfg.image_rope_theta)
   text = (span_ids == 0)[:, :, None, None]
-  image = ((span_ids > 0) & ~time_slot)[:, :, None, None]
+  image = schema.image_tokens(span_ids, time_slot)[:, :, None, None]
 
   def rope_fn(x: jax.Array) -> jax.Array:
     rotated_text = apply_rope(x, text_angles)
@@ -81,7 +75,7 @@ class ModulatedBlock(nn.Module):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     chunks = AdaLNModulation(cfg.embed, 6, name="adaLN_modulation", **kw)(cond)
     shift1, scale1, gate1, shift2, scale2, gate2 = (
-        gather_spans(c, span_ids, outside) for c, outside in zip(chunks, (0.0, 0.0, 1.0, 0.0, 0.0, 1.0)))
+        schema.gather_spans(c, span_ids, outside) for c, outside in zip(chunks, (0.0, 0.0, 1.0, 0.0, 0.0, 1.0)))
     h = modulate(RMSNorm(cfg.embed, cfg.norm_eps, name="input_layernorm", **kw)(x), shift1, scale1)
     h, _ = Attention(cfg.embed, cfg.heads, cfg.kv_heads, cfg.head_dim, qk_norm=True, norm_eps=cfg.qk_norm_eps,
                      impl=cfg.attention_impl, name="self_attn", **kw)(
@@ -101,7 +95,7 @@ class FinalLayer(nn.Module):
   def __call__(self, x, cond, span_ids):
     cfg = self.cfg
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    shift, scale = (gather_spans(c, span_ids, 0.0)
+    shift, scale = (schema.gather_spans(c, span_ids, 0.0)
                     for c in AdaLNModulation(cfg.embed, 2, name="adaLN_modulation", **kw)(cond))
     h = modulate(RMSNorm(cfg.embed, cfg.qk_norm_eps, name="norm_final", **kw)(x), shift, scale)
     return DenseGeneral((cfg.embed,), (cfg.out_features,), ("embed", None), use_bias=True,

@@ -1,6 +1,6 @@
 """Next-token cross-entropy on packed rows for the Qwen decoder.
 
-Batch (see unimm_jax.data.synthetic): input_ids [b t], labels [b t] (-100 = ignore), optional
+Batch (see unimm_jax.data.synthetic): input_ids [b t], labels [b t] (IGNORE = ignore), optional
 segment_ids [b t] (0 = padding; documents never predict across a boundary), positions [b t], and
 loss_mask [b t] (1 = the token at this position is a target). Position t predicts labels[t + 1].
 """
@@ -15,16 +15,14 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from unimm_jax.schema import IGNORE
 from unimm_jax.models.qwen import Qwen, QwenConfig
 from unimm_jax.training.task import Batch, Params, Task
-
-IGNORE_LABEL = -100
-
 
 def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
   """-> targets [b t-1] (labels shifted left; 0 where ignored), valid [b t-1] bool."""
   labels = batch["labels"][:, 1:]
-  valid = labels != IGNORE_LABEL
+  valid = labels != IGNORE
   if "segment_ids" in batch:
     seg = batch["segment_ids"]
     valid &= (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)

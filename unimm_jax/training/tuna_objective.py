@@ -4,7 +4,7 @@ Reference: tuna-2 tuna/models/transport/transport.py (lognorm t, time shift), pa
 misc.py (next_token_prediction, velocity_prediction), tuna.py (loss weights).
   x_t = t * x1 + (1 - t) * x0,  x0 ~ N(0, I);  velocity target x1 - x0 (x0-prediction: x1)
   t = sigmoid(u), u ~ N(0, 1), then shifted: 1 - t <- e^mu / (e^mu + 1 / (1 - t) - 1), mu = lin(seq_len)
-  loss = flow_weight * mean over flow-masked (token, value) elements + ntp_weight * CE(ignore -100)
+  loss = flow_weight * mean over flow-masked (token, value) elements + ntp_weight * CE(ignore schema.IGNORE)
 TUNA-2 (pixel space, x0-prediction) trains the JiT way instead (tuna/models/jit_utils.py): u ~ N(-0.8, 0.8),
 no shift, and the x0 error weighted by 1 / max(1 - t, 0.05)^2, which is the velocity error of the
 prediction v = (x0_hat - x_t) / (1 - t); `FlowConfig.tuna2()` sets that.
@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from unimm_jax import schema
 from unimm_jax.models.tuna import TunaOutput
 from unimm_jax.training import flow
 from unimm_jax.training.lm import next_token_targets
@@ -65,7 +66,7 @@ def noise_batch(batch: Mapping[str, jax.Array], rng: jax.Array, cfg: FlowConfig)
   t_tok = jnp.where(batch["span_ids"] > 0, jnp.take_along_axis(span_t, idx, axis=1), 1.0)[..., None]
   x1 = batch["x1"]
   x0 = jax.random.normal(noise_key, x1.shape, x1.dtype)
-  image = ((batch["span_ids"] > 0) & ~batch["time_slot"])[..., None]
+  image = schema.image_tokens(batch["span_ids"], batch["time_slot"])[..., None]
   x_t = jnp.where(image, flow.add_noise(x1, x0, 1 - t_tok, alpha=t_tok), 0.0)
   # TUNA's velocity dx/dt = x1 - x0 runs against sigma
   return {**batch, "span_t": span_t, "x_t": x_t, "t": t_tok[..., 0], "velocity": -flow.velocity_target(x1, x0)}

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import jax
 import ml_collections
 
+from unimm_jax import schema
 from unimm_jax.models import tuna
 from unimm_jax.training import tuna_objective as obj
 from unimm_jax.training.lm import train_flops_per_token
@@ -45,7 +46,7 @@ def build(config: ml_collections.ConfigDict) -> Task:
   row, spans = int(config.data.seq_len), int(config.data.max_spans)
 
   def init_fn(rng: jax.Array) -> Params:
-    return module.init(rng, tuna.model_inputs(cfg, row, spans))["params"]
+    return module.init(rng, schema.example_inputs(cfg.token_features, row, spans))["params"]
 
   def loss_fn(params: Params, batch: Batch, rng: jax.Array, norms: Mapping[str, jax.Array]):
     noised = obj.noise_batch(batch, rng, flow)

@@ -1,6 +1,7 @@
 """tuna-2 reference state dict (`Tuna` / `Tuna2Pixel`, prefixes relative to the wrapper's `tuna_model`)
 -> unimm_jax.models.tuna. The frozen `vae.*` tensors are a separate model (maps/vae_wan.py)."""
 
+from unimm_jax import schema
 from unimm_jax.convert import transforms as T
 from unimm_jax.convert.engine import prefixed
 from unimm_jax.convert.family import Family, Reference
@@ -62,8 +63,8 @@ def ignore(cfg) -> tuple:
 
 # tuna-2 checkpoints carry no config.json: converted from the reference's state dict (convert/tuna.py).
 FAMILY = Family(
-    name="tuna", config_cls=tuna.TunaConfig, module=tuna.Tuna, example_inputs=lambda cfg: (tuna.model_inputs(cfg),),
-    rules=rules, ignore=ignore, pipeline="unimm_jax.sampling.tuna:load",
+    name="tuna", config_cls=tuna.TunaConfig, module=tuna.Tuna,
+    example_inputs=lambda cfg: (schema.example_inputs(cfg.token_features),), rules=rules, ignore=ignore, pipeline="unimm_jax.sampling.tuna:load",
     reference=Reference(
         flag="tuna", help=f"TUNA variant ({', '.join(tuna.VARIANTS)}) of a tuna-2 reference checkpoint --src, or "
         "of a stage-1 model from --llm [--siglip] [--vae]", convert="unimm_jax.convert.tuna:convert_cli",
