@@ -26,21 +26,21 @@ SKIP_KEY = "skipped"  # a record the pipeline dropped: {"skipped": reason, "id":
 def token_keys(sample: Mapping[str, Any]) -> list[str]:
   """The per-token array keys of a sample, sorted; checks they are 1D and of one length."""
   keys = sorted(k for k in sample if k not in META_KEYS)
-  if "tokens" not in keys:
-    raise ValueError(f"sample {sample.get('id', '?')!r} has no 'tokens' array (keys: {keys})")
-  n = len(sample["tokens"])
+  if "input_ids" not in keys:
+    raise ValueError(f"sample {sample.get('id', '?')!r} has no 'input_ids' array (keys: {keys})")
+  n = len(sample["input_ids"])
   for k in keys:
     a = np.asarray(sample[k])
     if a.ndim != 1 or a.shape[0] != n:
-      raise ValueError(f"sample {sample.get('id', '?')!r}: {k!r} has shape {a.shape}, want [{n}] like 'tokens'")
+      raise ValueError(f"sample {sample.get('id', '?')!r}: {k!r} has shape {a.shape}, want [{n}] like 'input_ids'")
   for offset, _ in sample.get("attachments", ()):
     if not 0 <= offset < n:
       raise ValueError(f"sample {sample.get('id', '?')!r}: attachment offset {offset} outside [0, {n})")
   return keys
 
 
-def assign_rows(lengths: Sequence[int], row_length: int, method: str) -> list[list[int]]:
-  """Sample lengths -> rows as lists of sample indices. Longest first; every length must be <= row_length.
+def assign_rows(lengths: Sequence[int], seq_len: int, method: str) -> list[list[int]]:
+  """Sample lengths -> rows as lists of sample indices. Longest first; every length must be <= seq_len.
 
   first_fit puts each sample in the earliest row with room; best_fit in the row it fills the most.
   """
@@ -51,12 +51,12 @@ def assign_rows(lengths: Sequence[int], row_length: int, method: str) -> list[li
   room: list[int] = []
   for i in order:
     n = lengths[i]
-    if n > row_length:
-      raise ValueError(f"sample {i} has {n} tokens > row_length {row_length}")
+    if n > seq_len:
+      raise ValueError(f"sample {i} has {n} tokens > seq_len {seq_len}")
     fits = [r for r in range(len(rows)) if room[r] >= n]
     if not fits:
       rows.append([i])
-      room.append(row_length - n)
+      room.append(seq_len - n)
       continue
     r = fits[0] if method == "first_fit" else min(fits, key=lambda r: room[r])
     rows[r].append(i)
@@ -64,9 +64,9 @@ def assign_rows(lengths: Sequence[int], row_length: int, method: str) -> list[li
   return rows
 
 
-def pack_row(samples: Sequence[Mapping[str, Any]], row_length: int,
+def pack_row(samples: Sequence[Mapping[str, Any]], seq_len: int,
              pad_values: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """Samples (same keys) -> one row of [row_length] arrays; see the module docstring for the keys."""
+  """Samples (same keys) -> one row of [seq_len] arrays; see the module docstring for the keys."""
   pad_values = pad_values or {}
   keys = token_keys(samples[0])
   row: dict[str, Any] = {}
@@ -74,18 +74,18 @@ def pack_row(samples: Sequence[Mapping[str, Any]], row_length: int,
     if k == "span_local":
       continue
     a0 = np.asarray(samples[0][k])
-    row[k] = np.full(row_length, pad_values.get(k, 0), a0.dtype)
-  row["segment_ids"] = np.zeros(row_length, np.int32)
-  row["positions"] = np.zeros(row_length, np.int32)
-  row["span_ids"] = np.zeros(row_length, np.int32)
+    row[k] = np.full(seq_len, pad_values.get(k, 0), a0.dtype)
+  row["segment_ids"] = np.zeros(seq_len, np.int32)
+  row["positions"] = np.zeros(seq_len, np.int32)
+  row["span_ids"] = np.zeros(seq_len, np.int32)
   attachments = []
   start, spans = 0, 0
   for seg, s in enumerate(samples, start=1):
     if token_keys(s) != keys:
       raise ValueError(f"sample {s.get('id', '?')!r} has keys {token_keys(s)}, the row has {keys}")
-    n = len(s["tokens"])
-    if start + n > row_length:
-      raise ValueError(f"samples of lengths {[len(x['tokens']) for x in samples]} overflow row_length {row_length}")
+    n = len(s["input_ids"])
+    if start + n > seq_len:
+      raise ValueError(f"samples of lengths {[len(x['input_ids']) for x in samples]} overflow seq_len {seq_len}")
     for k in keys:
       if k != "span_local":
         row[k][start : start + n] = s[k]
@@ -118,21 +118,21 @@ class PackIterDataset(grain.IterDataset):
   (deterministic) and skips the emitted rows, so counters and rows continue exactly.
   """
 
-  def __init__(self, parent: grain.IterDataset, *, row_length: int, window: int = 64, method: str = "best_fit",
+  def __init__(self, parent: grain.IterDataset, *, seq_len: int, window: int = 64, method: str = "best_fit",
                pad_values: Mapping[str, Any] | None = None):
     super().__init__(parent)
     if method not in METHODS:
       raise ValueError(f"unknown packing method {method!r}; expected one of {METHODS}")
-    if row_length <= 0 or window <= 0:
-      raise ValueError(f"row_length ({row_length}) and window ({window}) must be positive")
-    self.row_length, self.window, self.method = row_length, window, method
+    if seq_len <= 0 or window <= 0:
+      raise ValueError(f"seq_len ({seq_len}) and window ({window}) must be positive")
+    self.seq_len, self.window, self.method = seq_len, window, method
     self.pad_values = dict(pad_values or {})
 
   def __iter__(self) -> PackIterator:
     return PackIterator(self)
 
   def __str__(self) -> str:
-    return f"PackIterDataset(row_length={self.row_length}, window={self.window}, method={self.method})"
+    return f"PackIterDataset(seq_len={self.seq_len}, window={self.window}, method={self.method})"
 
 
 class PackIterator(grain.DatasetIterator):
@@ -162,21 +162,21 @@ class PackIterator(grain.DatasetIterator):
         break
       if SKIP_KEY in s:
         self.counters[f"skipped/{s[SKIP_KEY]}"] += 1
-      elif len(s["tokens"]) > self._ds.row_length:
+      elif len(s["input_ids"]) > self._ds.seq_len:
         self.counters["skipped/too_long"] += 1
-      elif len(s["tokens"]) == 0:
+      elif len(s["input_ids"]) == 0:
         self.counters["skipped/empty_sample"] += 1
       else:
         samples.append(s)
-    groups = assign_rows([len(s["tokens"]) for s in samples], self._ds.row_length, self._ds.method)
+    groups = assign_rows([len(s["input_ids"]) for s in samples], self._ds.seq_len, self._ds.method)
     self._groups = [[samples[i] for i in g] for g in groups]
 
   def _count(self, samples: list[dict[str, Any]]) -> None:
     self.counters["rows"] += 1
-    self.counters["slots"] += self._ds.row_length
+    self.counters["slots"] += self._ds.seq_len
     for s in samples:
       self.counters["samples"] += 1
-      self.counters["tokens"] += len(s["tokens"])
+      self.counters["tokens"] += len(s["input_ids"])
       if "stream" in s:
         self.counters[f"samples/{s['stream']}"] += 1
 
@@ -186,7 +186,7 @@ class PackIterator(grain.DatasetIterator):
         raise StopIteration
       self._fill()
     group = self._groups[self._emitted]
-    row = pack_row(group, self._ds.row_length, self._ds.pad_values)
+    row = pack_row(group, self._ds.seq_len, self._ds.pad_values)
     self._count(group)
     self._emitted += 1
     return row

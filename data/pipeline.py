@@ -161,7 +161,7 @@ class Pipeline:
   Args:
     streams: the sources and mixing weights.
     prepare: record -> sample (a `Prepare`; must be picklable when `worker_count` > 0).
-    row_length, batch_size: each batch is [batch_size row_length].
+    seq_len, batch_size: each batch is [batch_size seq_len].
     seed, shard_index, shard_count: order and this process's share (multi-host: jax.process_index/count).
     num_epochs: None repeats forever; with a finite count the last batch is padded with empty rows.
     method, window: packing algorithm and how many samples it packs at once.
@@ -173,7 +173,7 @@ class Pipeline:
   """
 
   def __init__(self, streams: Sequence[Stream], prepare: Callable[[Mapping[str, Any]], dict[str, Any]], *,
-               row_length: int, batch_size: int, seed: int = 0, shard_index: int = 0, shard_count: int = 1,
+               seq_len: int, batch_size: int, seed: int = 0, shard_index: int = 0, shard_count: int = 1,
                num_epochs: int | None = None, method: str = "best_fit", window: int = 64, num_threads: int = 2,
                prefetch: int = 64, worker_count: int = 0, prefetch_batches: int = 2,
                pad_values: Mapping[str, Any] | None = None,
@@ -191,7 +191,7 @@ class Pipeline:
         raise RuntimeError("Pipeline(worker_count > 0) needs absl flags parsed: run under absl.app.run or call "
                            "absl.flags.FLAGS.mark_as_parsed() first; worker_count=0 uses threads only")
       samples = samples.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    self.rows = packing.PackIterDataset(samples, row_length=row_length, window=window, method=method,
+    self.rows = packing.PackIterDataset(samples, seq_len=seq_len, window=window, method=method,
                                         pad_values=pad_values)
 
   def __iter__(self) -> DataIterator:
@@ -345,7 +345,7 @@ class SimpleBuilder:
     pieces += [(ex["answer_ids"], 0, 1.0), (np.asarray([tk.eos_token_id]), 0, 1.0)]
     return {
         "id": ex["id"], "stream": ex["stream"], "attachments": attachments,
-        "tokens": np.concatenate([p for p, _, _ in pieces]).astype(np.int32),
+        "input_ids": np.concatenate([p for p, _, _ in pieces]).astype(np.int32),
         "span_local": np.concatenate([np.full(len(p), s) for p, s, _ in pieces]).astype(np.int32),
         "loss_mask": np.concatenate([np.broadcast_to(m, len(p)) for p, _, m in pieces]).astype(np.float32),
     }

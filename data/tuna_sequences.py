@@ -12,7 +12,7 @@ Deviation from the reference, on purpose: its datasets reserve h*w slots per ima
 
 A sample (see data/packing.py) has per-token arrays: tokens, labels (target token or IGNORE, aligned
 with tokens: CE compares logits[i - 1] with labels[i]), span_local, time_slot, img_y, img_x, img_h,
-img_w, clean (span forced to t = 1), flow (image token in the flow loss); its attachments are
+img_w, span_clean (span forced to t = 1), flow (image token in the flow loss); its attachments are
 (offset of the first image token, patches [h*w o]) per image.
 """
 
@@ -55,7 +55,7 @@ class TunaTokens:
 def _text(ids: Sequence[int], labelled: bool | np.ndarray) -> dict[str, np.ndarray]:
   """Text tokens, labelled where `labelled` (a bool or a per-token mask) is true."""
   ids = np.asarray(ids, np.int32)
-  return {"tokens": ids, "labels": np.where(labelled, ids, IGNORE).astype(np.int32)}
+  return {"input_ids": ids, "labels": np.where(labelled, ids, IGNORE).astype(np.int32)}
 
 
 def _span(patches: np.ndarray, k: int, tok: TunaTokens, *, clean: bool, flow: bool) -> dict[str, np.ndarray]:
@@ -66,29 +66,29 @@ def _span(patches: np.ndarray, k: int, tok: TunaTokens, *, clean: bool, flow: bo
   n = 1 + h * w
   y, x = np.divmod(np.arange(h * w, dtype=np.int32), w)
   return {
-      "tokens": np.full(n, tok.image_pad, np.int32), "labels": np.full(n, IGNORE, np.int32),
+      "input_ids": np.full(n, tok.image_pad, np.int32), "labels": np.full(n, IGNORE, np.int32),
       "span_local": np.full(n, k, np.int32), "time_slot": np.arange(n) == 0,
       "img_y": np.concatenate([[0], y]).astype(np.int32), "img_x": np.concatenate([[0], x]).astype(np.int32),
       "img_h": np.full(n, h, np.int32), "img_w": np.full(n, w, np.int32),
-      "clean": np.full(n, clean, bool), "flow": np.concatenate([[False], np.full(h * w, flow)]),
+      "span_clean": np.full(n, clean, bool), "flow": np.concatenate([[False], np.full(h * w, flow)]),
   }
 
 
 _ZEROS = {"span_local": np.int32, "time_slot": bool, "img_y": np.int32, "img_x": np.int32, "img_h": np.int32,
-          "img_w": np.int32, "clean": bool, "flow": bool}
+          "img_w": np.int32, "span_clean": bool, "flow": bool}
 
 
 def _join(parts: list[dict[str, np.ndarray]], images: list[np.ndarray], stream: str) -> dict[str, Any]:
   full = []
   for p in parts:
-    n = len(p["tokens"])
+    n = len(p["input_ids"])
     full.append({**{k: np.zeros(n, dt) for k, dt in _ZEROS.items()}, **p})
   sample = {k: np.concatenate([p[k] for p in full]) for k in full[0]}
   offsets, start = [], 0
   for p in full:
     if p["span_local"].any():
       offsets.append(start + 1)  # first image token, after the time slot
-    start += len(p["tokens"])
+    start += len(p["input_ids"])
   sample["attachments"] = [(o, img.reshape(-1, img.shape[-1])) for o, img in zip(offsets, images)]
   sample["stream"] = stream
   return sample
@@ -135,9 +135,9 @@ def text_sample(ids: Sequence[int], tok: TunaTokens) -> dict[str, Any]:
 def to_batch(rows: Sequence[Mapping[str, Any]], max_spans: int, token_features: int) -> dict[str, np.ndarray]:
   """Packed rows (data.packing.pack_row) -> the model batch (unimm_jax.schema.KEYS, with
   x1 [b t o] clean patches instead of x_t) plus labels, flow_mask and span_clean [b n]."""
-  b, t = len(rows), len(rows[0]["tokens"])
+  b, t = len(rows), len(rows[0]["input_ids"])
   out = {
-      "tokens": np.stack([r["tokens"] for r in rows]).astype(np.int32),
+      "input_ids": np.stack([r["input_ids"] for r in rows]).astype(np.int32),
       "labels": np.stack([r["labels"] for r in rows]).astype(np.int32),
       "segment_ids": np.stack([r["segment_ids"] for r in rows]).astype(np.int32),
       "positions": np.stack([r["positions"] for r in rows]).astype(np.int32),
@@ -145,7 +145,7 @@ def to_batch(rows: Sequence[Mapping[str, Any]], max_spans: int, token_features: 
       "time_slot": np.stack([r["time_slot"] for r in rows]).astype(bool),
       "flow_mask": np.stack([r["flow"] for r in rows]).astype(bool),
       "thw": np.zeros((b, t, 3), np.int32),
-      "span_hw": np.zeros((b, max_spans, 2), np.int32),
+      "spatial_shapes": np.zeros((b, max_spans, 2), np.int32),
       "span_clean": np.zeros((b, max_spans), bool),
       "x1": np.zeros((b, t, token_features), np.float32),
   }
@@ -156,8 +156,8 @@ def to_batch(rows: Sequence[Mapping[str, Any]], max_spans: int, token_features: 
       raise ValueError(f"row {i} has {spans.max()} image spans > max_spans {max_spans}")
     for s in np.unique(spans[spans > 0]):
       first = np.flatnonzero(spans == s)[0]
-      out["span_hw"][i, s - 1] = (r["img_h"][first], r["img_w"][first])
-      out["span_clean"][i, s - 1] = r["clean"][first]
+      out["spatial_shapes"][i, s - 1] = (r["img_h"][first], r["img_w"][first])
+      out["span_clean"][i, s - 1] = r["span_clean"][first]
     for offset, patches in r.get("attachments", ()):
       if patches.shape[-1] != token_features:
         raise ValueError(f"row {i}: image patches have {patches.shape[-1]} values per token, want {token_features}")

@@ -6,7 +6,7 @@ to float32, (x - mean) / std in float32) and Siglip2ImageProcessor (NaFlex: resi
 to the largest patch grid that fits `max_num_patches` at the image's aspect ratio, same rescale and
 normalisation, cut into patches, pad). Images in and out are HWC.
 
-Record keys (numpy arrays), shapes with t = max_num_patches or row_length, P = patch*patch*channels:
+Record keys (numpy arrays), shapes with t = max_num_patches or seq_len, P = patch*patch*channels:
   NaFlexProcessor:  patches [t P] float32 ((py, px, c)-flattened, row-major patches), mask [t] int32
                     (1 = real patch), spatial_shape [2] int32 (patch rows, cols).
   pack_patches:     patches [t P] float32, segment_ids [t] int32 (image 1..n of the row, 0 = padding),
@@ -145,20 +145,20 @@ def _check_hf_flags(d: Mapping[str, Any], name: str) -> None:
 
 
 def pack_patches(
-    items: Iterable[tuple[np.ndarray, tuple[int, int]]], row_length: int, images_per_row: int,
+    items: Iterable[tuple[np.ndarray, tuple[int, int]]], seq_len: int, images_per_row: int,
 ) -> tuple[list[dict[str, np.ndarray]], int]:
-  """Packs (patches [n P], (h, w)) items in order into rows of `row_length` tokens (NaViT).
+  """Packs (patches [n P], (h, w)) items in order into rows of `seq_len` tokens (NaViT).
 
   A row is closed when the next image does not fit or it holds `images_per_row` images. Returns
-  (rows, skipped): an image with more than `row_length` patches, or whose patch count is not h*w,
+  (rows, skipped): an image with more than `seq_len` patches, or whose patch count is not h*w,
   is skipped and counted, never truncated.
   """
   rows, skipped, current = [], 0, []
 
   def emit():
     dim = current[0][0].shape[1]
-    row = {"patches": np.zeros((row_length, dim), np.float32), "segment_ids": np.zeros(row_length, np.int32),
-           "positions": np.zeros(row_length, np.int32), "spatial_shapes": np.zeros((images_per_row, 2), np.int32)}
+    row = {"patches": np.zeros((seq_len, dim), np.float32), "segment_ids": np.zeros(seq_len, np.int32),
+           "positions": np.zeros(seq_len, np.int32), "spatial_shapes": np.zeros((images_per_row, 2), np.int32)}
     start = 0
     for i, (patches, hw) in enumerate(current):
       n = len(patches)
@@ -171,10 +171,10 @@ def pack_patches(
 
   used = 0
   for patches, (h, w) in items:
-    if len(patches) > row_length or len(patches) != h * w or len(patches) == 0:
+    if len(patches) > seq_len or len(patches) != h * w or len(patches) == 0:
       skipped += 1
       continue
-    if current and (used + len(patches) > row_length or len(current) == images_per_row):
+    if current and (used + len(patches) > seq_len or len(current) == images_per_row):
       emit()
       current, used = [], 0
     current.append((np.asarray(patches, np.float32), (h, w)))

@@ -11,24 +11,24 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def segment_ids_from_lengths(lengths: Sequence[int], row_length: int) -> np.ndarray:
-  """[n] sample lengths -> int32 [row_length] ids 1..n, 0-padded. Raises if they do not fit."""
+def segment_ids_from_lengths(lengths: Sequence[int], seq_len: int) -> np.ndarray:
+  """[n] sample lengths -> int32 [seq_len] ids 1..n, 0-padded. Raises if they do not fit."""
   total = int(sum(lengths))
-  if total > row_length:
-    raise ValueError(f"lengths {list(lengths)} sum to {total} > row_length {row_length}")
+  if total > seq_len:
+    raise ValueError(f"lengths {list(lengths)} sum to {total} > seq_len {seq_len}")
   if any(n <= 0 for n in lengths):
     raise ValueError(f"lengths must be positive, got {list(lengths)}")
-  ids = np.zeros(row_length, np.int32)
+  ids = np.zeros(seq_len, np.int32)
   ids[:total] = np.repeat(np.arange(1, len(lengths) + 1, dtype=np.int32), lengths)
   return ids
 
 
-def span_ids_from_spans(spans: Sequence[tuple[int, int]], row_length: int) -> np.ndarray:
-  """[(start, end)] half-open bidirectional spans -> int32 [row_length] ids 1..n, 0 elsewhere."""
-  ids = np.zeros(row_length, np.int32)
+def span_ids_from_spans(spans: Sequence[tuple[int, int]], seq_len: int) -> np.ndarray:
+  """[(start, end)] half-open bidirectional spans -> int32 [seq_len] ids 1..n, 0 elsewhere."""
+  ids = np.zeros(seq_len, np.int32)
   for n, (start, end) in enumerate(spans, start=1):
-    if not 0 <= start < end <= row_length:
-      raise ValueError(f"span {n - 1} = ({start}, {end}) is not inside [0, {row_length})")
+    if not 0 <= start < end <= seq_len:
+      raise ValueError(f"span {n - 1} = ({start}, {end}) is not inside [0, {seq_len})")
     if ids[start:end].any():
       raise ValueError(f"span {n - 1} = ({start}, {end}) overlaps an earlier span")
     ids[start:end] = n
@@ -62,9 +62,9 @@ def cu_seqlens_from_segment_ids(segment_ids: np.ndarray) -> np.ndarray:
   return np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
 
 
-def segment_ids_from_cu_seqlens(cu_seqlens: Sequence[int], row_length: int) -> np.ndarray:
-  """int32 [n + 1] offsets (first 0) -> [row_length] ids 1..n, 0-padded."""
+def segment_ids_from_cu_seqlens(cu_seqlens: Sequence[int], seq_len: int) -> np.ndarray:
+  """int32 [n + 1] offsets (first 0) -> [seq_len] ids 1..n, 0-padded."""
   cu = np.asarray(cu_seqlens)
   if cu.ndim != 1 or cu.size < 1 or cu[0] != 0 or np.any(np.diff(cu) <= 0):
     raise ValueError(f"cu_seqlens must start at 0 and be strictly increasing, got {cu.tolist()}")
-  return segment_ids_from_lengths(np.diff(cu).tolist(), row_length)
+  return segment_ids_from_lengths(np.diff(cu).tolist(), seq_len)

@@ -1,7 +1,7 @@
 """Input pipeline throughput and packing efficiency on the mixed shapes streams, one run.
 
 Streams t2i / edit / mmu / text mixed 0.5 / 0.2 / 0.2 / 0.1 (TUNA's mix), `SimpleBuilder` sequences
-(each image = `--tokens-per-image` tokens), rows of `--row-length`. Rows of the table: our best-fit and
+(each image = `--tokens-per-image` tokens), rows of `--seq-len`. Rows of the table: our best-fit and
 first-fit packers, no packing (window 1: one sample per row), and the reference measured in the same run:
 grain's own `BestFitPackIterDataset` (same samples, `--window` open bins; it packs token arrays only, no
 attachments or span ids, and has no skip counters).
@@ -23,7 +23,7 @@ import grain
 from unimm_jax.data import pipeline, shapes
 from unimm_jax.data.tokenizer import shapes_tokenizer
 
-KEYS = ("tokens", "span_local", "loss_mask")
+KEYS = ("input_ids", "span_local", "loss_mask")
 
 
 def _prepare(args: argparse.Namespace, tokenizer: Any) -> pipeline.Prepare:
@@ -51,13 +51,13 @@ def _measure(it: Iterator[Any], args: argparse.Namespace, used: Callable[[Any], 
     time.sleep(args.step_ms / 1e3)
   rows = args.batches * args.batch_size
   return {"samples/s": samples / dt, "ms/batch": 1e3 * dt / args.batches, "samples/row": samples / rows,
-          "efficiency": tokens / (rows * args.row_length),
+          "efficiency": tokens / (rows * args.seq_len),
           "wait %": 100 * wait / max(1e-9, wait + args.wait_batches * args.step_ms / 1e3)}
 
 
 def _ours(method: str, window: int, args: argparse.Namespace, tokenizer: Any) -> dict[str, float]:
   pipe = pipeline.Pipeline(pipeline.shapes_streams(size=args.size, num_records=args.records), _prepare(args, tokenizer),
-                           row_length=args.row_length, batch_size=args.batch_size, method=method, window=window,
+                           seq_len=args.seq_len, batch_size=args.batch_size, method=method, window=window,
                            num_threads=args.num_threads)
 
   def used(batch: dict[str, Any]) -> tuple[int, int]:
@@ -73,11 +73,11 @@ def _grain_best_fit(args: argparse.Namespace, tokenizer: Any) -> dict[str, float
              .map(lambda s: {k: s[k] for k in KEYS})
              .to_iter_dataset(grain.ReadOptions(num_threads=args.num_threads, prefetch_buffer_size=64)))
   packed = grain.experimental.BestFitPackIterDataset(
-      samples, length_struct={k: args.row_length for k in KEYS}, num_packing_bins=args.window, shuffle_bins=False)
+      samples, length_struct={k: args.seq_len for k in KEYS}, num_packing_bins=args.window, shuffle_bins=False)
   batches = grain.experimental.ThreadPrefetchIterDataset(packed.batch(args.batch_size), prefetch_buffer_size=2)
 
   def used(batch: dict[str, Any]) -> tuple[int, int]:
-    seg = batch["tokens_segment_ids"]
+    seg = batch["input_ids_segment_ids"]
     return int(seg.max(axis=1).sum()), int((seg > 0).sum())
 
   return _measure(iter(batches), args, used)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
   p.add_argument("--tiny", action="store_true", help="a few small batches (smoke test)")
   p.add_argument("--size", type=int, default=32, choices=shapes.SIZES)
   p.add_argument("--tokens-per-image", type=int, default=64)
-  p.add_argument("--row-length", type=int, default=512)
+  p.add_argument("--seq-len", type=int, default=512)
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--batches", type=int, default=200)
   p.add_argument("--warmup", type=int, default=10)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
   p.add_argument("--wait-batches", type=int, default=20)
   args = p.parse_args(argv)
   if args.tiny:
-    args.batches, args.warmup, args.records, args.row_length, args.tokens_per_image = 5, 1, 200, 256, 16
+    args.batches, args.warmup, args.records, args.seq_len, args.tokens_per_image = 5, 1, 200, 256, 16
     args.wait_batches, args.step_ms = 2, 10.0
   tokenizer = shapes_tokenizer()
   results = {
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
   }
   ref = results["grain best-fit (ref)"]
   cols = ["samples/s", "ms/batch", "samples/row", "efficiency", "wait %"]
-  print(f"shapes {args.size}px, {args.tokens_per_image} tokens/image, batches {args.batch_size} x {args.row_length}, "
+  print(f"shapes {args.size}px, {args.tokens_per_image} tokens/image, batches {args.batch_size} x {args.seq_len}, "
         f"window {args.window}, {args.num_threads} threads, {args.batches} batches; wait % with a "
         f"{args.step_ms:g} ms step")
   print(f"| {'packing':<20} | " + " | ".join(f"{c:>11}" for c in cols) + " | samples/s vs ref | efficiency vs ref |")

@@ -221,13 +221,13 @@ TOKENS = ts.TunaTokens(bos=1, eos=2, boi=3, eoi=4, image_pad=5)  # random-init m
 CONFIG_NAME = {False: "configs/tuna.py:2b at llm 4, head 4, siglip 2 layers", True: "configs/tuna.py:tiny at depth 1"}
 
 
-def tuna_batches(cfg, batch: int, row_length: int, max_spans: int, grid: tuple[int, int]):
+def tuna_batches(cfg, batch: int, seq_len: int, max_spans: int, grid: tuple[int, int]):
   """Endless batches of packed text-to-image rows: a random prompt and a random `grid` image each."""
   rng = np.random.default_rng(0)
   while True:
     rows = [packing.pack_row([ts.t2i_sample(rng.integers(10, cfg.llm.vocab, 24).tolist(),
                                             rng.standard_normal((*grid, cfg.token_features)).astype(np.float32),
-                                            TOKENS)], row_length) for _ in range(batch)]
+                                            TOKENS)], seq_len) for _ in range(batch)]
     yield ts.to_batch(rows, max_spans, cfg.token_features)
 
 

@@ -14,17 +14,12 @@ from PIL import Image
 
 import unimm_jax
 from unimm_jax.convert.errors import ConversionError
+from unimm_jax.sampling import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("ckpt", None, "converted checkpoint directory", required=True)
+cli.define_sampling_flags("null instruction for text guidance", image_guidance=True)
 flags.DEFINE_string("image", None, "source image (resized to a multiple of the token size)", required=True)
 flags.DEFINE_string("instruction", None, "edit instruction", required=True)
-flags.DEFINE_string("negative", "", "null instruction for text guidance")
-flags.DEFINE_integer("steps", None, "time grid points")
-flags.DEFINE_float("guidance", None, "text guidance (1 = off)")
-flags.DEFINE_float("image_guidance", None, "image guidance; > 0 adds a branch without the source image")
-flags.DEFINE_float("shift", None, "time-grid warp")
-flags.DEFINE_integer("seed", 0, "noise seed")
 flags.DEFINE_string("out", "edited.png", "output PNG")
 
 
@@ -33,8 +28,7 @@ def main(argv):
   try:
     model = unimm_jax.load_pipeline(FLAGS.ckpt)
     src = model.read_image(FLAGS.image)
-    cfg = model.sampler_config(steps=FLAGS.steps, shift=FLAGS.shift, guidance=FLAGS.guidance,
-                               image_guidance=FLAGS.image_guidance)
+    cfg = model.sampler_config(**cli.sampler_overrides(FLAGS))
   except (ValueError, OSError, ConversionError) as e:
     print(f"edit: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -17,16 +17,12 @@ from PIL import Image
 
 import unimm_jax
 from unimm_jax.convert.errors import ConversionError
+from unimm_jax.sampling import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("ckpt", None, "converted checkpoint directory", required=True)
+cli.define_sampling_flags("negative / null prompt for classifier-free guidance")
 flags.DEFINE_multi_string("prompt", None, "prompt (repeat for several images)", required=True)
-flags.DEFINE_string("negative", "", "negative / null prompt for classifier-free guidance")
 flags.DEFINE_string("size", None, "HxW in pixels, a multiple of the token size (default: 32 tokens a side)")
-flags.DEFINE_integer("steps", None, "time grid points (steps - 1 model evaluations)")
-flags.DEFINE_float("guidance", None, "classifier-free guidance scale (1 = off)")
-flags.DEFINE_float("shift", None, "time-grid warp t / (t + s - s t)")
-flags.DEFINE_integer("seed", 0, "noise seed")
 flags.DEFINE_string("out", "samples", "output directory")
 
 
@@ -47,7 +43,7 @@ def main(argv):
   del argv
   try:
     model = unimm_jax.load_pipeline(FLAGS.ckpt)
-    cfg = model.sampler_config(steps=FLAGS.steps, shift=FLAGS.shift, guidance=FLAGS.guidance)
+    cfg = model.sampler_config(**cli.sampler_overrides(FLAGS))
   except (ValueError, OSError, ConversionError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -25,10 +25,10 @@ def tokenizer():
   return shapes_tokenizer()
 
 
-def _pipe(tokenizer, seed=0, window=16, row_length=160, batch_size=3, mix=MIX, **kw):
+def _pipe(tokenizer, seed=0, window=16, seq_len=160, batch_size=3, mix=MIX, **kw):
   streams = [pipeline.Stream(s, shapes.ShapesSource(s, 300), w) for s, w in mix.items()]
   prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 16), ((32, 32),))
-  return pipeline.Pipeline(streams, prepare, row_length=row_length, batch_size=batch_size, seed=seed,
+  return pipeline.Pipeline(streams, prepare, seq_len=seq_len, batch_size=batch_size, seed=seed,
                            window=window, **kw)
 
 
@@ -48,7 +48,7 @@ def test_pipeline_is_deterministic_for_a_seed_and_changes_with_it(tokenizer):
   for _ in range(4):
     x, y, z = next(a), next(b), next(c)
     _same(x, y)
-  assert not np.array_equal(x["tokens"], z["tokens"])
+  assert not np.array_equal(x["input_ids"], z["input_ids"])
 
 
 @pytest.mark.parametrize("prefetch_batches", [0, 2])
@@ -121,17 +121,17 @@ def test_mixing_follows_the_weights(tokenizer):
 
 
 def test_batches_have_documented_keys_dtypes_and_static_shapes(tokenizer):
-  it = iter(_pipe(tokenizer, batch_size=2, row_length=96))
+  it = iter(_pipe(tokenizer, batch_size=2, seq_len=96))
   for _ in range(3):
     b = next(it)
     assert {k: (v.shape, v.dtype) for k, v in b.items() if k != "attachments"} == {
-        "tokens": ((2, 96), np.int32), "loss_mask": ((2, 96), np.float32), "segment_ids": ((2, 96), np.int32),
+        "input_ids": ((2, 96), np.int32), "loss_mask": ((2, 96), np.float32), "segment_ids": ((2, 96), np.int32),
         "positions": ((2, 96), np.int32), "span_ids": ((2, 96), np.int32)}
     pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     for row, offset, image in b["attachments"]:
       assert image.shape == (32, 32, 3) and image.dtype == np.float32
       assert -1.0 <= image.min() and image.max() <= 1.0
-      assert b["tokens"][row, offset] == pad and b["span_ids"][row, offset] > 0
+      assert b["input_ids"][row, offset] == pad and b["span_ids"][row, offset] > 0
   stacked = pipeline.stack_attachments(b["attachments"])
   assert stacked["data"].shape == (len(b["attachments"]), 32, 32, 3)
 
@@ -147,7 +147,7 @@ def _random_samples(rng, n, max_len):
       a = (s - 1) * length // 3
       local[a : a + 2] = s
       atts.append((a, np.full((2, 2, 3), i, np.float32)))
-    out.append({"id": str(i), "tokens": np.arange(length, dtype=np.int32) + 1000 * i, "span_local": local,
+    out.append({"id": str(i), "input_ids": np.arange(length, dtype=np.int32) + 1000 * i, "span_local": local,
                 "loss_mask": np.ones(length, np.float32), "attachments": atts})
   return out
 
@@ -156,17 +156,17 @@ def _random_samples(rng, n, max_len):
 def test_packing_never_splits_a_sample_and_respects_the_row_length(method):
   rng = np.random.default_rng(0)
   samples = _random_samples(rng, 60, 40)
-  rows = packing.assign_rows([len(s["tokens"]) for s in samples], 64, method)
+  rows = packing.assign_rows([len(s["input_ids"]) for s in samples], 64, method)
   assert sorted(i for r in rows for i in r) == list(range(60))
   for r in rows:
     row = packing.pack_row([samples[i] for i in r], 64)
-    assert sum(len(samples[i]["tokens"]) for i in r) <= 64
+    assert sum(len(samples[i]["input_ids"]) for i in r) <= 64
     assert all(v.shape == (64,) for k, v in row.items() if k != "attachments")
     spans_seen = 0
     for seg, i in enumerate(r, start=1):
       where = np.nonzero(row["segment_ids"] == seg)[0]
-      assert np.array_equal(where, np.arange(where[0], where[0] + len(samples[i]["tokens"])))  # contiguous
-      np.testing.assert_array_equal(row["tokens"][where], samples[i]["tokens"])
+      assert np.array_equal(where, np.arange(where[0], where[0] + len(samples[i]["input_ids"])))  # contiguous
+      np.testing.assert_array_equal(row["input_ids"][where], samples[i]["input_ids"])
       np.testing.assert_array_equal(row["positions"][where], np.arange(len(where)))
       local = samples[i]["span_local"]
       ids = row["span_ids"][where]
@@ -186,7 +186,7 @@ def test_best_fit_never_uses_more_rows_than_first_fit_here():
 
 
 def test_packer_rejects_samples_whose_arrays_disagree_in_length():
-  bad = {"id": "x", "tokens": np.zeros(5, np.int32), "loss_mask": np.zeros(4, np.float32)}
+  bad = {"id": "x", "input_ids": np.zeros(5, np.int32), "loss_mask": np.zeros(4, np.float32)}
   with pytest.raises(ValueError, match="'loss_mask' has shape \\(4,\\), want \\[5\\]"):
     packing.pack_row([bad], 8)
 
@@ -216,14 +216,14 @@ def test_bad_files_are_skipped_and_counted_never_crash_or_change_shapes(tmp_path
   src = sources.ManifestSource(tmp_path / "train.jsonl", "t2i")
   prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 16), ((32, 48),))
   pad = tokenizer.pad_token_id
-  pipe = pipeline.Pipeline([pipeline.Stream("t2i", src, 1.0)], prepare, row_length=64, batch_size=4, num_epochs=1,
-                           window=2, pad_values={"tokens": pad})
+  pipe = pipeline.Pipeline([pipeline.Stream("t2i", src, 1.0)], prepare, seq_len=64, batch_size=4, num_epochs=1,
+                           window=2, pad_values={"input_ids": pad})
   it = iter(pipe)
   batches = list(it)
-  assert len(batches) == 1 and batches[0]["tokens"].shape == (4, 64)
+  assert len(batches) == 1 and batches[0]["input_ids"].shape == (4, 64)
   padding = batches[0]["segment_ids"] == 0
   # the good samples fall in different windows: 2 rows of data, 2 empty rows
-  assert not padding[:2].all(axis=1).any() and padding[2:].all() and np.all(batches[0]["tokens"][padding] == pad)
+  assert not padding[:2].all(axis=1).any() and padding[2:].all() and np.all(batches[0]["input_ids"][padding] == pad)
   assert [a.shape for _, _, a in batches[0]["attachments"]] == [(32, 48, 3)] * 2
   stats = it.stats()
   assert stats["samples"] == 2
@@ -261,7 +261,7 @@ def test_unreadable_array_record_entries_are_skipped_and_counted(tmp_path, token
   writer.close()
   src = sources.ArrayRecordSource(tmp_path / "d.array_record")
   prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 4), ((32, 32),))
-  it = iter(pipeline.Pipeline([pipeline.Stream("t2i", src, 1.0)], prepare, row_length=64, batch_size=1,
+  it = iter(pipeline.Pipeline([pipeline.Stream("t2i", src, 1.0)], prepare, seq_len=64, batch_size=1,
                               num_epochs=1))
   assert len(list(it)) == 1
   assert it.stats()["samples"] == 1 and it.stats()["skipped/bad_record"] == 2
@@ -396,8 +396,8 @@ def test_every_answer_of_a_conversation_carries_the_loss(tokenizer):
   # the TUNA sample labels exactly those answers and the final one
   sample = TunaBuilder(ts.TunaTokens.from_tokenizer(tokenizer), 8, 3)(ex)
   labelled = sample["labels"] != schema.IGNORE
-  assert np.array_equal(sample["labels"][labelled], sample["tokens"][labelled])
-  assert _marked(tokenizer, sample["tokens"], labelled) == [f"{a} {eos}" for a in [*answers, record["answer"]]]
+  assert np.array_equal(sample["labels"][labelled], sample["input_ids"][labelled])
+  assert _marked(tokenizer, sample["input_ids"], labelled) == [f"{a} {eos}" for a in [*answers, record["answer"]]]
 
 
 def test_caption_dropout_empties_t2i_captions_and_edit_instructions_only(tokenizer):
@@ -408,9 +408,9 @@ def test_caption_dropout_empties_t2i_captions_and_edit_instructions_only(tokeniz
   dropped = {}
   for stream in ("t2i", "edit", "mmu", "text"):
     exs = [prepare.example(shapes.shapes_record(stream, i)) for i in range(400)]
-    lengths = [len(builder(e)["tokens"]) for e in exs]
-    dropped[stream] = np.mean([n == len(keep_all(e)["tokens"]) - len(e["text_ids"]) for n, e in zip(lengths, exs)])
-    assert lengths == [len(builder(e)["tokens"]) for e in exs]  # decided by the record id, not an rng
+    lengths = [len(builder(e)["input_ids"]) for e in exs]
+    dropped[stream] = np.mean([n == len(keep_all(e)["input_ids"]) - len(e["text_ids"]) for n, e in zip(lengths, exs)])
+    assert lengths == [len(builder(e)["input_ids"]) for e in exs]  # decided by the record id, not an rng
   assert 0.05 < dropped["t2i"] < 0.15 and 0.05 < dropped["edit"] < 0.15
   assert dropped["mmu"] == dropped["text"] == 0.0
 

@@ -11,9 +11,9 @@ import torch
 import transformers
 
 import hf_tiny
+from annotations import assert_every_param_annotated
 from unimm_jax import registry
 from unimm_jax.convert.family import abstract_params
-from unimm_jax import sharding
 from unimm_jax.convert import engine
 from unimm_jax.convert.maps import qwen as qwen_map
 from unimm_jax.models import qwen
@@ -135,13 +135,7 @@ def test_bf16_compute_with_fp32_params_stays_close():
 def test_every_param_and_name_is_annotated_in_the_vocabulary(scan):
   cfg = dataclasses.replace(qwen.config_from_hf(hf_tiny.qwen3().config), scan_layers=scan)
   boxed = jax.eval_shape(qwen.Qwen(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  for path, leaf in leaves:
-    assert isinstance(leaf, nn.Partitioned), f"{jax.tree_util.keystr(path)} has no logical names"
-    assert len(leaf.names) == leaf.value.ndim
-    sharding.check_logical_names(leaf.names, jax.tree_util.keystr(path))
-    if scan and "layers" in jax.tree_util.keystr(path):
-      assert leaf.names[0] == "layers"
+  assert_every_param_annotated(boxed, scan)
 
 
 def test_config_rejects_unknown_fields_and_types():

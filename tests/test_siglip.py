@@ -14,6 +14,7 @@ import torch
 import transformers
 
 import hf_tiny
+from annotations import assert_every_param_annotated
 from unimm_jax import registry
 from unimm_jax.convert.family import abstract_params
 import unimm_jax
@@ -280,13 +281,7 @@ def test_scan_remat_and_bf16_layouts_agree():
 def test_every_param_is_annotated_and_fsdp_replicates_under_2_percent(scan):
   cfg = siglip.SiglipVisionConfig.so400m(scan_layers=scan)
   boxed = jax.eval_shape(siglip.VisionTransformer(cfg).init, jax.random.key(0), jnp.zeros((1, 14, 14, 3)))["params"]
-  leaves = jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  for path, leaf in leaves:
-    assert isinstance(leaf, nn.Partitioned), f"{jax.tree_util.keystr(path)} has no logical names"
-    assert len(leaf.names) == leaf.value.ndim
-    sharding.check_logical_names(leaf.names, jax.tree_util.keystr(path))
-    if scan and "layers" in jax.tree_util.keystr(path):
-      assert leaf.names[0] == "layers"
+  assert_every_param_annotated(boxed, scan)
   mesh = jax.make_mesh((1, 8, 1), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
   shardings = sharding.logical_shardings(boxed, mesh)
   assert sharding.replicated_fraction(nn.meta.unbox(boxed), shardings) <= 0.02

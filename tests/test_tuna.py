@@ -22,8 +22,8 @@ def _randomize(params, seed=0):
   return jax.tree.unflatten(tree, [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
-def _noised(cfg, rows, key=0, row_length=64):
-  b = jax.tree.map(jnp.asarray, tuna_tiny.batch(cfg, rows, row_length))
+def _noised(cfg, rows, key=0, seq_len=64):
+  b = jax.tree.map(jnp.asarray, tuna_tiny.batch(cfg, rows, seq_len))
   return obj.noise_batch(b, jax.random.key(key), obj.FlowConfig())
 
 
@@ -39,7 +39,7 @@ def test_packed_row_equals_each_sample_alone(encoder, kw):
   for i, sample in enumerate(samples):
     alone = tuna_tiny.batch(cfg, [[sample]])
     # the same noise and times as in the packed row, moved to the sample's slots
-    n = len(sample["tokens"])
+    n = len(sample["input_ids"])
     where = np.flatnonzero(seg == i + 1)
     spans = np.unique(np.asarray(packed["span_ids"][0])[where])
     spans = spans[spans > 0]
@@ -259,7 +259,7 @@ def test_tuna2_jit_objective_is_the_velocity_error_of_the_x0_prediction():
   b = jax.tree.map(jnp.asarray, tuna_tiny.batch(tiny, [tuna_tiny.samples(tiny)]))
   b = obj.noise_batch(b, jax.random.key(1), cfg)
   pred = b["x1"] + 0.3 * jax.random.normal(jax.random.key(2), b["x1"].shape)
-  out = tuna.TunaOutput(logits=jnp.zeros((*b["tokens"].shape, 64)), prediction=pred, hidden_states=None)
+  out = tuna.TunaOutput(logits=jnp.zeros((*b["input_ids"].shape, 64)), prediction=pred, hidden_states=None)
   norms = obj.normalizers(b)
   _, m = obj.tuna_loss(out, b, norms, cfg, "x0")
   # where 1 - t is above the clamp, the weighted x0 error is the error of v_hat = (x0_hat - x_t) / (1 - t)

@@ -115,9 +115,9 @@ def test_understanding_with_kv_cache_equals_full_recompute_greedy(model):
     for _ in range(6):
       full = {k: np.concatenate([v, v[-1:].repeat(len(tokens), 0) * 0]) if isinstance(v, np.ndarray) else v
               for k, v in s.items()}
-      full["tokens"] = np.concatenate([s["tokens"], np.asarray(tokens, np.int32)])
+      full["input_ids"] = np.concatenate([s["input_ids"], np.asarray(tokens, np.int32)])
       row = packing.pack_row([full], 32)
       b = {k: jnp.asarray(v) for k, v in ts.to_batch([row], 1, o).items()}
       logits = m.apply({"params": params}, {**b, "x_t": b["x1"], "span_t": jnp.ones((1, 1))}).logits
-      tokens.append(int(jnp.argmax(logits[0, len(full["tokens"]) - 1])))
+      tokens.append(int(jnp.argmax(logits[0, len(full["input_ids"]) - 1])))
     assert got.tolist() == tokens

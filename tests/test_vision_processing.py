@@ -82,7 +82,7 @@ def test_pack_patches_fills_rows_in_order_and_skips_bad_images():
   items = [(np.full((h * w, 2), i + 1.0, np.float32), (h, w)) for i, (h, w) in enumerate(shapes)]
   items.insert(2, (np.zeros((30, 2), np.float32), (5, 6)))   # longer than a row: skipped, counted
   items.insert(3, (np.zeros((5, 2), np.float32), (2, 3)))    # patch count != h*w: skipped, counted
-  rows, skipped = vision.pack_patches(items, row_length=16, images_per_row=3)
+  rows, skipped = vision.pack_patches(items, seq_len=16, images_per_row=3)
   assert skipped == 2 and len(rows) == 4
   np.testing.assert_array_equal(rows[0]["segment_ids"], [1] * 6 + [2] * 9 + [0])
   np.testing.assert_array_equal(rows[0]["positions"], list(range(6)) + list(range(9)) + [0])

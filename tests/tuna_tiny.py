@@ -36,6 +36,6 @@ def samples(cfg: tuna.TunaConfig, seed: int = 0) -> list[dict]:
           ts.text_sample([20, 21, 22, 23], TOK)]
 
 
-def batch(cfg: tuna.TunaConfig, rows_of_samples: list[list[dict]], row_length: int = 64, max_spans: int = 4):
-  rows = [packing.pack_row(s, row_length) for s in rows_of_samples]
+def batch(cfg: tuna.TunaConfig, rows_of_samples: list[list[dict]], seq_len: int = 64, max_spans: int = 4):
+  rows = [packing.pack_row(s, seq_len) for s in rows_of_samples]
   return ts.to_batch(rows, max_spans=max_spans, token_features=cfg.token_features)

@@ -17,7 +17,7 @@ import numpy as np
 IGNORE = -100   # label of a position that is no target (transformers' convention)
 
 KEYS = {
-    "tokens": "int32 [b t] token ids; image slots hold <|image_pad|>",
+    "input_ids": "int32 [b t] token ids; image slots hold <|image_pad|>",
     "labels": "int32 [b t] target token of each position, IGNORE where none (CE compares logits[i - 1], labels[i])",
     "segment_ids": "int32 [b t] sample of the row 1..m, 0 = padding",
     "positions": "int32 [b t] LLM position, restarting at 0 per sample",
@@ -25,14 +25,14 @@ KEYS = {
     "time_slot": "bool [b t] first slot of a span (the time token)",
     "thw": "int32 [b t 3] (frame, row, column) of an image token in its image's token grid, 0 elsewhere",
     "flow_mask": "bool [b t] image tokens in the flow loss",
-    "span_hw": "int32 [b n 2] token-grid (rows, columns) of span i + 1; (0, 0) = no span",
+    "spatial_shapes": "int32 [b n 2] token-grid (rows, columns) of span i + 1; (0, 0) = no span",
     "span_clean": "bool [b n] span i + 1 is a clean condition (t = 1): an understanding image, an edit's source",
     "x1": "float32 [b t o] clean patches at image tokens, 0 elsewhere (o values per image token)",
     # added to the data's batch by training/tuna_objective.noise_batch and by the samplers:
     "x_t": "float [b t o] noisy patches at image tokens, 0 elsewhere",
     "span_t": "float32 [b n] time of span i + 1 (TUNA's t: 1 = clean)",
 }
-MODEL_INPUTS = ("tokens", "segment_ids", "positions", "span_ids", "time_slot", "thw", "span_hw", "x_t", "span_t")
+MODEL_INPUTS = ("input_ids", "segment_ids", "positions", "span_ids", "time_slot", "thw", "spatial_shapes", "x_t", "span_t")
 
 
 def image_tokens(span_ids: jax.Array, time_slot: jax.Array) -> jax.Array:
@@ -49,21 +49,21 @@ def gather_spans(table: jax.Array, span_ids: jax.Array, outside: float) -> jax.A
   return jnp.where(inside, rows, jnp.asarray(outside, table.dtype))
 
 
-def example_batch(row_length: int, max_spans: int, token_features: int, batch: int = 1) -> dict[str, np.ndarray]:
+def example_batch(seq_len: int, max_spans: int, token_features: int, batch: int = 1) -> dict[str, np.ndarray]:
   """A zero batch of the data's keys (KEYS but x_t, span_t): what data.tuna_sequences.to_batch emits."""
-  rows = (batch, row_length)
+  rows = (batch, seq_len)
   return {
-      "tokens": np.zeros(rows, np.int32), "labels": np.full(rows, IGNORE, np.int32),
+      "input_ids": np.zeros(rows, np.int32), "labels": np.full(rows, IGNORE, np.int32),
       "segment_ids": np.ones(rows, np.int32), "positions": np.zeros(rows, np.int32),
       "span_ids": np.zeros(rows, np.int32), "time_slot": np.zeros(rows, bool), "flow_mask": np.zeros(rows, bool),
-      "thw": np.zeros((*rows, 3), np.int32), "span_hw": np.zeros((batch, max_spans, 2), np.int32),
+      "thw": np.zeros((*rows, 3), np.int32), "spatial_shapes": np.zeros((batch, max_spans, 2), np.int32),
       "span_clean": np.zeros((batch, max_spans), bool), "x1": np.zeros((*rows, token_features), np.float32),
   }
 
 
-def example_inputs(token_features: int, row_length: int = 16, max_spans: int = 1) -> dict[str, jax.Array]:
+def example_inputs(token_features: int, seq_len: int = 16, max_spans: int = 1) -> dict[str, jax.Array]:
   """example_batch plus a clean x_t / span_t: inputs that build a model's params."""
-  b = {k: jnp.asarray(v) for k, v in example_batch(row_length, max_spans, token_features).items()}
+  b = {k: jnp.asarray(v) for k, v in example_batch(seq_len, max_spans, token_features).items()}
   return {**b, "x_t": b["x1"], "span_t": jnp.ones((1, max_spans), jnp.float32)}
 
 

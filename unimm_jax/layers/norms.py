@@ -7,6 +7,11 @@ import jax
 import jax.numpy as jnp
 
 
+def _param(module: nn.Module, name: str, features: int, init=nn.initializers.ones_init()) -> jax.Array:
+  """A per-feature scale (ones) or bias (zeros) annotated with the "norm" axis."""
+  return module.param(name, nn.with_logical_partitioning(init, ("norm",)), (features,), module.param_dtype)
+
+
 class RMSNorm(nn.Module):
   """x / rms(x) * scale over the last axis (Qwen/LLaMA: normalise in fp32, cast, then scale)."""
 
@@ -17,8 +22,7 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (self.features,), self.param_dtype)
+    scale = _param(self, "scale", self.features)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale.astype(self.dtype) * y.astype(self.dtype)
@@ -35,15 +39,13 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (self.features,), self.param_dtype)
+    scale = _param(self, "scale", self.features)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                        (self.features,), self.param_dtype)
+      bias = _param(self, "bias", self.features, nn.initializers.zeros_init())
       y = y + bias.astype(jnp.float32)
     return y.astype(self.dtype)
 
@@ -61,10 +63,8 @@ class GroupNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.features % self.groups or x.shape[-1] != self.features:
       raise ValueError(f"{self.name}: {x.shape[-1]} channels for features={self.features}, groups={self.groups}")
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (self.features,), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                      (self.features,), self.param_dtype)
+    scale = _param(self, "scale", self.features)
+    bias = _param(self, "bias", self.features, nn.initializers.zeros_init())
     x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, self.features // self.groups)
     axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)          # every axis but batch and group
     mean = jnp.mean(x32, axis=axes, keepdims=True)
@@ -86,8 +86,7 @@ class L2Norm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (self.features,), self.param_dtype)
+    scale = _param(self, "scale", self.features)
     x32 = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True))
     y = x32 / jnp.maximum(norm, self.eps) * (self.features ** 0.5)

@@ -236,9 +236,9 @@ class Tuna(nn.Module):
     if cfg.encoder == "patch":
       return self.vision_encoder(x_t, batch["thw"])
     seg = jnp.where(image, batch["span_ids"], 0)
-    width = jnp.maximum(schema.gather_spans(batch["span_hw"], batch["span_ids"], 0)[..., 1], 1)
+    width = jnp.maximum(schema.gather_spans(batch["spatial_shapes"], batch["span_ids"], 0)[..., 1], 1)
     pos = batch["thw"][..., 1] * width + batch["thw"][..., 2]
-    feats = self.vision_model(patches=x_t, spatial_shapes=batch["span_hw"], segment_ids=seg, positions=pos)
+    feats = self.vision_model(patches=x_t, spatial_shapes=batch["spatial_shapes"], segment_ids=seg, positions=pos)
     return self.siglip_proj(feats.last_hidden_state)
 
   def embed_inputs(self, batch: Mapping[str, jax.Array], t_embed: jax.Array | None = None) -> jax.Array:
@@ -248,7 +248,7 @@ class Tuna(nn.Module):
     if t_embed is None:
       t_embed = self.time_embed(batch["span_t"])
     image = schema.image_tokens(span_ids, time_slot)[..., None]
-    x = self.llm.embed(batch["tokens"])
+    x = self.llm.embed(batch["input_ids"])
     x = jnp.where(image, self.encode_images(batch).astype(x.dtype), x)
     return jnp.where(time_slot[..., None], schema.gather_spans(t_embed, span_ids, 0.0).astype(x.dtype), x)
 

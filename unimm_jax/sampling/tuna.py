@@ -47,7 +47,7 @@ def time_grid(steps: int, shift: float) -> np.ndarray:
 
 
 def _rows(samples: Sequence[dict], multiple: int = 16) -> tuple[list[dict], int]:
-  length = -(-max(len(s["tokens"]) for s in samples) // multiple) * multiple
+  length = -(-max(len(s["input_ids"]) for s in samples) // multiple) * multiple
   return [packing.pack_row([s], length) for s in samples], length
 
 
@@ -90,7 +90,7 @@ class TunaSampler:
     rows, _ = _rows(samples)
     max_spans = max(int(r["span_ids"].max()) for r in rows)
     b = ts.to_batch(rows, max_spans=max(max_spans, 1), token_features=self.module.cfg.token_features)
-    self.module.cfg.check_grid(*np.asarray(b["span_hw"]).reshape(-1, 2).max(0), "TunaSampler")
+    self.module.cfg.check_grid(*np.asarray(b["spatial_shapes"]).reshape(-1, 2).max(0), "TunaSampler")
     b = {k: jnp.asarray(v) for k, v in b.items()}
     b["span_t_clean"] = jnp.ones(b["span_clean"].shape, jnp.float32)
     return b
@@ -145,7 +145,7 @@ class TunaSampler:
     samples = [ts.understanding_prompt(img, p, self.tokens) for img, p in zip(images, prompts)]
     rows, length = _rows(samples, multiple=8)
     for r, s in zip(rows, samples):  # left-pad: move each prompt to the end of its row
-      shift = length - len(s["tokens"])
+      shift = length - len(s["input_ids"])
       for k, v in r.items():
         if isinstance(v, np.ndarray) and v.shape[:1] == (length,):
           r[k] = np.roll(v, shift, axis=0)

@@ -22,21 +22,21 @@ def config_from(config: ml_collections.ConfigDict) -> tuna.TunaConfig:
   return tuna.TunaConfig.from_dict(config.model.to_dict())
 
 
-def train_flops_per_example(cfg: tuna.TunaConfig, row_length: int) -> float:
+def train_flops_per_example(cfg: tuna.TunaConfig, seq_len: int) -> float:
   """Analytic training FLOPs of one packed row: 6 * matmul weights * tokens + attention, for the LLM,
   the flow head (its AdaLN runs per image, negligible) and the representation encoder over every
   position of the row (the packed encoder computes all of them)."""
   h = cfg.head
   head_attn = h.embed * h.head_dim * (2 * h.heads + 2 * h.kv_heads)
-  head = 6.0 * h.depth * (head_attn + 3 * h.embed * h.mlp) + 12.0 * h.depth * h.heads * h.head_dim * row_length
-  llm = train_flops_per_token(cfg.llm, row_length)
+  head = 6.0 * h.depth * (head_attn + 3 * h.embed * h.mlp) + 12.0 * h.depth * h.heads * h.head_dim * seq_len
+  llm = train_flops_per_token(cfg.llm, seq_len)
   if cfg.encoder == "siglip":
     s = cfg.siglip
-    enc = 6.0 * s.num_layers * (4 * s.embed * s.embed + 2 * s.embed * s.mlp) + 12.0 * s.num_layers * s.embed * row_length
+    enc = 6.0 * s.num_layers * (4 * s.embed * s.embed + 2 * s.embed * s.mlp) + 12.0 * s.num_layers * s.embed * seq_len
     enc += 6.0 * (cfg.token_features * s.embed + s.embed * cfg.llm.embed + cfg.llm.embed ** 2)
   else:
     enc = 6.0 * cfg.token_features * cfg.llm.embed
-  return (llm + head + enc + 6.0 * h.embed * cfg.token_features) * row_length
+  return (llm + head + enc + 6.0 * h.embed * cfg.token_features) * seq_len
 
 
 def build(config: ml_collections.ConfigDict) -> Task:

@@ -1,0 +1,27 @@
+"""The sampling flags scripts/sample.py and edit.py share: one definition, the family's defaults when left out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from absl import flags
+
+SAMPLER_FLAGS = ("steps", "guidance", "shift")
+
+
+def define_sampling_flags(negative_help: str, *, image_guidance: bool = False) -> None:
+  """--ckpt, --negative, --steps, --guidance, --shift (and --image_guidance), --seed on absl's FLAGS."""
+  flags.DEFINE_string("ckpt", None, "converted checkpoint directory", required=True)
+  flags.DEFINE_string("negative", "", negative_help)
+  flags.DEFINE_integer("steps", None, "time grid points (steps - 1 model evaluations); default: the family's")
+  flags.DEFINE_float("guidance", None, "text guidance scale (1 = off); default: the family's")
+  flags.DEFINE_float("shift", None, "time-grid shift; default: the family's")
+  if image_guidance:
+    flags.DEFINE_float("image_guidance", None, "image guidance; > 0 adds a branch without the source image")
+  flags.DEFINE_integer("seed", 0, "noise seed")
+
+
+def sampler_overrides(values: Any) -> dict[str, Any]:
+  """The sampling flags given on the command line, for `pipeline.sampler_config(**overrides)`."""
+  names = SAMPLER_FLAGS + (("image_guidance",) if "image_guidance" in values else ())
+  return {n: values[n].value for n in names}
