@@ -8,6 +8,10 @@
   python scripts/convert.py --tuna 2b --src tuna.safetensors --tokenizer QWEN_DIR --dst OUT_DIR
   # TUNA stage 1 from pretrained parts (Qwen2.5 HF dir, SigLIP HF dir, Wan 2.2 VAE dir or .pth)
   python scripts/convert.py --tuna 2b --llm QWEN_DIR --siglip SIGLIP_DIR --vae VAE --dst OUT_DIR
+
+The destination is written to a temporary sibling that replaces it only when the conversion succeeded: a
+failure, SIGTERM or Ctrl-C (exit status 143 / 130) leaves an existing OUT_DIR byte for byte as it was, and what a
+killed run left beside it (OUT_DIR.tmp-*) is removed by the next one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
+from unimm_jax import checkpoint, cli
 from unimm_jax.convert import hf
 from unimm_jax.convert.errors import ConversionError
 
@@ -45,6 +50,7 @@ def convert_tuna() -> dict:
   from unimm_jax.convert import tuna as tuna_convert
   from unimm_jax.convert.maps import vae_wan as vae_wan_map
   from unimm_jax.models import vae_wan
+  checkpoint.clean_partial(FLAGS.dst)  # first: a destination an interrupted run had moved aside comes back
   cfg = tuna_configs.model_config(FLAGS.tuna)
   vae_cfg = vae_wan.preset("tuna") if cfg.space == "latent" else None
   vae_params = None
@@ -94,4 +100,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    with cli.sigterm_as_interrupt():  # so the temporary destination is removed on the way out
+      app.run(main)
+  except KeyboardInterrupt as e:
+    cli.stopped("convert", e, f"interrupted; {FLAGS.dst} is as it was before")
