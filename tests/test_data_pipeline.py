@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import threading
 import time
 from itertools import islice
@@ -318,6 +319,31 @@ def test_closing_does_not_wait_for_a_read_that_hangs(tokenizer, monkeypatch, cap
   assert time.perf_counter() - t0 < 5 and "still reading" in caplog.text
 
 
+def test_trainer_gives_up_on_an_all_bad_manifest_instead_of_hanging(tmp_path):
+  from configs import tuna_tiny
+  from unimm_jax.training import trainer
+
+  (tmp_path / "t2i.jsonl").write_text(json.dumps({"image": "missing.png", "caption": "a red circle"}) + "\n")
+  config = tuna_tiny.get_config("smoke")
+  config.data.update(name="tuna_streams", max_consecutive_skips=40)
+  config.mesh.ici, config.batch_size = (-1, 1, 1), 8  # the tests' 8 CPU devices
+  config.data.sources.t2i = f"jsonl:{tmp_path / 't2i.jsonl'}"
+  for stream in ("edit", "mmu", "text"):
+    config.data.weights[stream] = 0.0
+
+  def hung(signum, frame):
+    raise AssertionError("train() hung on the all-bad manifest")
+
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(300)
+  try:
+    with pytest.raises(packing.TooManySkips, match=r"stream 't2i' were all skipped \(missing_file 40\)"):
+      trainer.train(config, str(tmp_path / "run"))
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
 def test_array_record_round_trips_arrays_bytes_and_paths(tmp_path):
   recs = [shapes.shapes_record(s, i) for s in ("t2i", "edit", "text") for i in range(3)]
   recs.append({"id": "b", "stream": "t2i", "images": [b"\x89PNG..."], "text": "t", "answer": "", "meta": ""})
@@ -578,8 +604,8 @@ def test_trainer_trains_tuna_on_manifests_and_logs_pipeline_counters(tmp_path):
   assert 0 < last["data/efficiency"] <= 1 and 0 <= last["perf/input_wait"] < 1
   assert np.isfinite(last["loss"])
 
-  config.data.sources.edit = "jsonl:/nowhere/edit.jsonl"
-  with pytest.raises(FileNotFoundError, match=r"config.data.sources.edit=.*/nowhere/edit.jsonl"):
+  config.data.sources.edit = "jsonl:/nowhere/edit.jsonl"  # a data error the flags made: ConfigError, one line
+  with pytest.raises(trainer.ConfigError, match=r"config.data.sources.edit=.*/nowhere/edit.jsonl"):
     trainer.train(config, str(tmp_path / "run2"))
   config.data.weights.edit = 0.0
   with pytest.raises(ValueError, match=r"no positive weight for \['edit'\]"):
