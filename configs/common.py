@@ -30,8 +30,15 @@ def train_defaults() -> ml_collections.ConfigDict:
   c.accum_steps = 1             # microbatches per step; batch_size / accum_steps examples each
   c.init_from = ""              # converted or HF checkpoint dir; "" = random init
   c.nonfinite = "skip"          # skip: keep the state, count the step | stop: checkpoint and raise
+  # nonfinite="skip" gives up (checkpoints and raises, as "stop") past this many skipped steps in a row /
+  # in the whole run; 0 = no cap. A run that skips steps this often is diverging, not meeting a bad batch.
+  c.nonfinite_max_consecutive = 10
+  c.nonfinite_max_total = 100
 
-  c.data = ml_collections.ConfigDict(dict(name="synthetic_tokens", seq_len=128, num_records=1 << 20, seed=0))
+  # max_consecutive_skips: a stream whose last this-many records were all skipped (missing files, bad lines)
+  # stops the run with an error naming its source and the reasons, instead of looping on it for ever.
+  c.data = ml_collections.ConfigDict(dict(name="synthetic_tokens", seq_len=128, num_records=1 << 20, seed=0,
+                                          max_consecutive_skips=1000))
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, warmup_steps=100, schedule="cosine", end_lr_frac=0.1,   # cosine | linear | constant

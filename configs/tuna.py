@@ -35,8 +35,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # TUNA: lognorm t shifted for 1024 tokens; TUNA-2 (x0 in pixel space): JiT's t and velocity-weighted loss
   flow = obj.FlowConfig.tuna2() if model.prediction == "x0" else obj.FlowConfig()
   c.flow = ml_collections.ConfigDict(dataclasses.asdict(dataclasses.replace(flow, ntp_weight=0.2)))
-  c.data = ml_collections.ConfigDict(dict(name="shapes_tuna", seq_len=v["seq_len"], max_spans=v["max_spans"],
-                                          images_per_row=1, seed=0, weights=dict(t2i=0.5, edit=0.2, mmu=0.2, text=0.1)))
+  c.data.update(dict(name="shapes_tuna", seq_len=v["seq_len"], max_spans=v["max_spans"],
+                     images_per_row=1, seed=0, weights=dict(t2i=0.5, edit=0.2, mmu=0.2, text=0.1)))
   c.batch_size = v["batch_size"]
   # TUNA: AdamW lr 2e-5, wd 0.01, 1k warmup, EMA 0.9999 (REFERENCE.md); the tiny model learns faster
   c.optim.update(lr=2e-5, weight_decay=0.01, warmup_steps=1000, ema_decay=0.9999)

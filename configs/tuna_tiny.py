@@ -49,7 +49,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # flow loss 3x the CE (TUNA: 1 and 0.2), a bigger understanding share, t noisier than JiT's (module docstring)
   c.flow = ml_collections.ConfigDict(dataclasses.asdict(
       obj.FlowConfig.tuna2(ntp_weight=1.0, flow_weight=3.0, t_mean=-1.2, t_std=1.3)))
-  c.data = ml_collections.ConfigDict(dict(
+  c.data.update(dict(
       name="shapes_tuna", seq_len=SEQ_LEN, max_spans=MAX_SPANS, images_per_row=8, image_size=IMAGE_SIZE, seed=0,
       num_records=10_000, caption_dropout=0.1, weights=dict(t2i=0.5, edit=0.12, mmu=0.3, text=0.08),
       # off: a t2i-only warm-up cost understanding more than it gained generation (docs/demo.md)

@@ -1,12 +1,16 @@
 """Packing samples into fixed-length rows (first-fit or best-fit over a window), checkpointable.
 
-A sample is a dict of per-token 1D arrays of one length n (must include `tokens`; `span_local` is 0
+A sample is a dict of per-token 1D arrays of one length n (must include `input_ids`; `span_local` is 0
 outside bidirectional spans and 1..k inside the sample's own spans) plus `attachments`, a list of
 `(offset, array)` pairs (e.g. an image whose tokens start at `offset` in the sample), and optional `id` /
-`stream` strings. A row is the same keys as [L] arrays plus `segment_ids` (1..m, 0 padding), `positions`
-(restarting at 0 per segment), `span_ids` (unique within the row, 0 outside spans) and `attachments` with
-offsets shifted into the row. A sample is never split: one longer than L is skipped and counted. Full
-interface: data/README.md.
+`stream` strings and `epoch` (how many times its source was read through before it). A row is the same keys
+as [L] arrays plus `segment_ids` (1..m, 0 padding), `positions` (restarting at 0 per segment), `span_ids`
+(unique within the row, 0 outside spans) and `attachments` with offsets shifted into the row. A sample is
+never split: one longer than L is skipped and counted. Full interface: data/README.md.
+
+Skipped records are counted once, in the first epoch of their source (a repeating source meets the same
+bad record every epoch), and the first few of each stream are logged with their id and reason. A stream
+whose last `max_consecutive_skips` records were all skipped raises TooManySkips naming its source.
 """
 
 from __future__ import annotations
@@ -17,10 +21,17 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
 
 METHODS = ("first_fit", "best_fit")
-META_KEYS = ("id", "stream", "attachments")
-SKIP_KEY = "skipped"  # a record the pipeline dropped: {"skipped": reason, "id": ..., "stream": ...}
+META_KEYS = ("id", "stream", "attachments", "epoch")
+# a record the pipeline dropped: {"skipped": reason, "id": ..., "stream": ..., "epoch": ..., "detail": ...}
+SKIP_KEY = "skipped"
+NAMED_SKIPS = 5  # skipped records logged by id per stream; the rest are counted
+
+
+class TooManySkips(RuntimeError):
+  """A stream's last `max_consecutive_skips` records were all skipped: its source is unusable as it stands."""
 
 
 def token_keys(sample: Mapping[str, Any]) -> list[str]:
@@ -119,14 +130,18 @@ class PackIterDataset(grain.IterDataset):
   """
 
   def __init__(self, parent: grain.IterDataset, *, seq_len: int, window: int = 64, method: str = "best_fit",
-               pad_values: Mapping[str, Any] | None = None):
+               pad_values: Mapping[str, Any] | None = None, max_consecutive_skips: int = 1000,
+               sources: Mapping[str, str] | None = None):
     super().__init__(parent)
     if method not in METHODS:
       raise ValueError(f"unknown packing method {method!r}; expected one of {METHODS}")
-    if seq_len <= 0 or window <= 0:
-      raise ValueError(f"seq_len ({seq_len}) and window ({window}) must be positive")
+    if seq_len <= 0 or window <= 0 or max_consecutive_skips <= 0:
+      raise ValueError(f"seq_len ({seq_len}), window ({window}) and max_consecutive_skips "
+                       f"({max_consecutive_skips}) must be positive")
     self.seq_len, self.window, self.method = seq_len, window, method
     self.pad_values = dict(pad_values or {})
+    self.max_consecutive_skips = max_consecutive_skips
+    self.sources = dict(sources or {})  # stream -> what it reads, for messages
 
   def __iter__(self) -> PackIterator:
     return PackIterator(self)
@@ -142,6 +157,9 @@ class PackIterator(grain.DatasetIterator):
     super().__init__(ds._parent.__iter__())
     self._ds = ds
     self.counters: collections.Counter[str] = collections.Counter()
+    # per stream: reasons of the records skipped since its last usable one, and a few of them by name
+    self._runs: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    self._examples: dict[str, list[str]] = collections.defaultdict(list)
     self._window_state = self._parent.get_state()
     self._window_counters = dict(self.counters)
     self._groups: list[list[dict[str, Any]]] = []  # the current window's samples, row by row
@@ -161,15 +179,35 @@ class PackIterator(grain.DatasetIterator):
         self._exhausted = True
         break
       if SKIP_KEY in s:
-        self.counters[f"skipped/{s[SKIP_KEY]}"] += 1
+        self._skip(s, s[SKIP_KEY])
       elif len(s["input_ids"]) > self._ds.seq_len:
-        self.counters["skipped/too_long"] += 1
+        self._skip(s, "too_long", f"{len(s['input_ids'])} tokens > seq_len {self._ds.seq_len}")
       elif len(s["input_ids"]) == 0:
-        self.counters["skipped/empty_sample"] += 1
+        self._skip(s, "empty_sample")
       else:
+        self._runs.pop(s.get("stream", ""), None)
         samples.append(s)
     groups = assign_rows([len(s["input_ids"]) for s in samples], self._ds.seq_len, self._ds.method)
     self._groups = [[samples[i] for i in g] for g in groups]
+
+  def _skip(self, s: Mapping[str, Any], reason: str, detail: str = "") -> None:
+    stream = s.get("stream", "")
+    detail = detail or s.get("detail", "")
+    where = f"{s.get('id', '?')} ({reason}{': ' + detail if detail else ''})"
+    if not s.get("epoch", 0):  # the same record comes back every epoch: count and name it once
+      self.counters[f"skipped/{reason}"] += 1
+      if len(self._examples[stream]) < NAMED_SKIPS:
+        self._examples[stream].append(where)
+        logging.warning("data: skipped %s record %s", stream or "a", where)
+    run = self._runs[stream]
+    run[reason] += 1
+    if sum(run.values()) >= self._ds.max_consecutive_skips:
+      reasons = ", ".join(f"{k} {v}" for k, v in run.most_common())
+      source = self._ds.sources.get(stream, "its source")
+      raise TooManySkips(
+          f"data: the last {sum(run.values())} records of stream {stream!r} were all skipped ({reasons}); source "
+          f"{source}; e.g. {'; '.join(self._examples[stream][:3] or [where])}. Fix or remove these records, or "
+          "raise config.data.max_consecutive_skips")
 
   def _count(self, samples: list[dict[str, Any]]) -> None:
     self.counters["rows"] += 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -20,11 +21,13 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
 
 from unimm_jax.data import packing, shapes, transforms
 
 
 TUNA_MIX = {"t2i": 0.5, "edit": 0.2, "mmu": 0.2, "text": 0.1}  # TUNA's stream weights (train.yaml)
+CLOSE_TIMEOUT_S = 5  # how long `DataIterator.close` waits for a packing thread stuck in a read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +51,8 @@ def mixed_records(streams: Sequence[Stream], *, seed: int, shard_index: int = 0,
 
   Each stream is sharded by index (`[shard_index::shard_count]`, so shards are disjoint and cover the
   source), shuffled with `seed + k` (reshuffled every epoch) and repeated `num_epochs` times (None:
-  forever); `MapDataset.mix` interleaves them deterministically in proportion to the weights.
+  forever); `MapDataset.mix` interleaves them deterministically in proportion to the weights. Each record
+  gets `epoch`, the passes over its shard before it, so a bad record is counted once, not every epoch.
   """
   if not streams:
     raise ValueError("no streams given")
@@ -61,9 +65,13 @@ def mixed_records(streams: Sequence[Stream], *, seed: int, shard_index: int = 0,
     if len(st.source) < shard_count:
       raise ValueError(f"stream {st.name!r}: {len(st.source)} records cannot feed {shard_count} shards")
     ds = grain.MapDataset.source(st.source)[shard_index::shard_count].shuffle(seed=seed + k)
-    parts.append(ds.repeat(num_epochs))
+    parts.append(ds.repeat(num_epochs).map_with_index(functools.partial(_with_epoch, len(ds))))
     weights.append(st.weight)
   return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+
+
+def _with_epoch(n: int, index: int, record: Mapping[str, Any]) -> dict[str, Any]:
+  return {**record, "epoch": index // n}
 
 
 def _ids(tokenizer: Any, text: str) -> np.ndarray:
@@ -94,7 +102,7 @@ class Prepare:
     if packing.SKIP_KEY in record:
       return dict(record)
     stream = record["stream"]
-    marker = {packing.SKIP_KEY: "", "id": record["id"], "stream": stream}
+    marker = {packing.SKIP_KEY: "", "id": record["id"], "stream": stream, "epoch": record.get("epoch", 0)}
     if not record["text"].strip() or (stream == "mmu" and not record["answer"].strip()):
       return {**marker, packing.SKIP_KEY: "empty_text"}
     images = []
@@ -102,14 +110,15 @@ class Prepare:
       try:
         images.append(transforms.prepare_image(transforms.load_image(image), self.buckets))
       except transforms.BadImage as e:
-        return {**marker, packing.SKIP_KEY: e.reason}
+        return {**marker, packing.SKIP_KEY: e.reason, "detail": str(e).removeprefix(f"{e.reason}: ")}
     if stream == "mmu":
       text_ids, text_loss = self._prompt(record)
     else:
       text_ids = _ids(self.tokenizer, record["text"])
       text_loss = np.zeros(len(text_ids), bool)
     return {"id": record["id"], "stream": stream, "images": images, "text_ids": text_ids, "text_loss": text_loss,
-            "answer_ids": _ids(self.tokenizer, record["answer"]), "meta": record.get("meta", "")}
+            "answer_ids": _ids(self.tokenizer, record["answer"]), "meta": record.get("meta", ""),
+            "epoch": record.get("epoch", 0)}
 
   def _prompt(self, record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """An understanding prompt (earlier turns + the question) -> (ids, loss mask on the earlier answers)."""
@@ -135,7 +144,7 @@ class Prepare:
 
   def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
     ex = self.example(record)
-    return ex if packing.SKIP_KEY in ex else self.builder(ex)
+    return ex if packing.SKIP_KEY in ex else {**self.builder(ex), "epoch": ex["epoch"]}
 
 
 def collate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -170,6 +179,8 @@ class Pipeline:
     prefetch_batches: batches packed ahead by a background thread (0: pack on the caller's thread).
     pad_values: padding value per per-token key (default 0).
     collate_fn: rows -> batch (default `collate`; a model may turn rows into its own batch layout).
+    max_consecutive_skips: a stream whose last this-many records were all skipped raises
+      `packing.TooManySkips` naming its source (an all-bad source would otherwise be read for ever).
   """
 
   def __init__(self, streams: Sequence[Stream], prepare: Callable[[Mapping[str, Any]], dict[str, Any]], *,
@@ -177,7 +188,7 @@ class Pipeline:
                num_epochs: int | None = None, method: str = "best_fit", window: int = 64, num_threads: int = 2,
                prefetch: int = 64, worker_count: int = 0, prefetch_batches: int = 2,
                pad_values: Mapping[str, Any] | None = None,
-               collate_fn: Callable[[list[dict[str, Any]]], Any] = collate):
+               collate_fn: Callable[[list[dict[str, Any]]], Any] = collate, max_consecutive_skips: int = 1000):
     self.streams, self.batch_size, self.prefetch_batches = list(streams), batch_size, prefetch_batches
     self.collate_fn = collate_fn
     records = mixed_records(self.streams, seed=seed, shard_index=shard_index, shard_count=shard_count,
@@ -192,7 +203,8 @@ class Pipeline:
                            "absl.flags.FLAGS.mark_as_parsed() first; worker_count=0 uses threads only")
       samples = samples.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     self.rows = packing.PackIterDataset(samples, seq_len=seq_len, window=window, method=method,
-                                        pad_values=pad_values)
+                                        pad_values=pad_values, max_consecutive_skips=max_consecutive_skips,
+                                        sources={st.name: repr(st.source) for st in self.streams})
 
   def __iter__(self) -> DataIterator:
     return DataIterator(self)
@@ -260,11 +272,15 @@ class DataIterator(grain.DatasetIterator):
     self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop), daemon=True)
     self._thread.start()
 
-  def _halt(self) -> None:
+  def _halt(self, timeout: float | None = None) -> bool:
+    """Stops the packing thread; False if it is still inside a read after `timeout` seconds."""
     if self._thread is not None:
       self._stop.set()
-      self._thread.join()
+      self._thread.join(timeout)
+      if self._thread.is_alive():
+        return False
       self._thread = None
+    return True
 
   def __iter__(self) -> DataIterator:
     return self
@@ -282,8 +298,13 @@ class DataIterator(grain.DatasetIterator):
     return batch
 
   def close(self) -> None:
-    """Stops the packing thread and closes grain's iterators, worker processes included (idempotent)."""
-    self._halt()
+    """Stops the packing thread and closes grain's iterators, worker processes included (idempotent).
+
+    Returns within CLOSE_TIMEOUT_S even when the thread is stuck in a read (a stalled filesystem, a
+    trainer stopping on SIGTERM): the thread, a daemon, is then left to finish and grain's iterators open."""
+    if not self._halt(CLOSE_TIMEOUT_S):
+      logging.warning("data: the packing thread is still reading after %d s; closing without it", CLOSE_TIMEOUT_S)
+      self._closed = True
     if not self._closed:
       self._closed = True
       self._rows.close()

@@ -3,8 +3,9 @@
 Every source has `__len__` and `__getitem__` (grain's RandomAccessDataSource protocol) and returns canonical
 raw records (schema in data/README.md): `id`, `stream`, `images` (paths, encoded bytes or uint8 arrays),
 `text`, `answer`, `meta`. Manifest lines that cannot be parsed or lack the stream's fields are skipped
-and counted in `source.skipped` (reason -> count) when the manifest is read; ArrayRecord and tfds
-records that cannot be read return a skip marker (`skipped()`), which the packer counts.
+and counted in `source.skipped` (reason -> count) when the manifest is read, the first few logged with
+their line and what is wrong; ArrayRecord and tfds records that cannot be read return a skip marker
+(`skipped()`), which the packer counts and names.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import logging
+
+from unimm_jax.data.packing import NAMED_SKIPS
 
 STREAMS = ("t2i", "mmu", "edit", "text")
 IMAGE_COUNT = {"t2i": 1, "mmu": 1, "edit": 2, "text": 0}
@@ -133,8 +137,10 @@ class ManifestSource:
           if not isinstance(raw, dict):
             raise RecordError(f"{rid}: a manifest line must be a JSON object")
           self.records.append(canonical(raw, stream, rid=rid, base_dir=base))
-        except (json.JSONDecodeError, RecordError, AttributeError, TypeError):
+        except (json.JSONDecodeError, RecordError, AttributeError, TypeError) as e:
           self.skipped["bad_record"] += 1
+          if self.skipped["bad_record"] <= NAMED_SKIPS:  # the first few by line, the rest counted
+            logging.warning("data: skipped %s", e if isinstance(e, RecordError) else f"{rid}: {type(e).__name__}: {e}")
 
   def __len__(self) -> int:
     return len(self.records)

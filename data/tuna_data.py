@@ -62,13 +62,13 @@ class TunaBuilder:
 def tuna_pipeline(streams: list[pipeline.Stream], *, tokenizer: Any, patch: int, channels: int,
                   buckets: tuple[tuple[int, int], ...], seq_len: int, max_spans: int, batch_size: int, seed: int = 0,
                   caption_dropout: float = 0.1, chat_template: bool = False, shard_index: int = 0,
-                  shard_count: int = 1) -> pipeline.Pipeline:
+                  shard_count: int = 1, max_consecutive_skips: int = 1000) -> pipeline.Pipeline:
   """Canonical records of the given streams -> packed TUNA batches (data.tuna_sequences.to_batch)."""
   builder = TunaBuilder(ts.TunaTokens.from_tokenizer(tokenizer), patch, channels, caption_dropout)
   prepare = pipeline.Prepare(tokenizer, builder, buckets=buckets, chat_template=chat_template)
   return pipeline.Pipeline(
       streams, prepare, seq_len=seq_len, batch_size=batch_size, seed=seed, shard_index=shard_index,
-      shard_count=shard_count, pad_values={"labels": schema.IGNORE},
+      shard_count=shard_count, pad_values={"labels": schema.IGNORE}, max_consecutive_skips=max_consecutive_skips,
       collate_fn=functools.partial(ts.to_batch, max_spans=max_spans, token_features=patch * patch * channels))
 
 
@@ -99,7 +99,7 @@ def _from_config(config: Any, name: str, streams: Callable[[dict[str, float]], l
         streams(weights), tokenizer=tokenizer, patch=patch, channels=int(m.channels), buckets=((size, size),),
         seq_len=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
         caption_dropout=float(d.get("caption_dropout", 0.1)), chat_template=bool(d.get("chat_template", False)),
-        shard_index=process_index, shard_count=process_count)
+        shard_index=process_index, shard_count=process_count, max_consecutive_skips=int(d.max_consecutive_skips))
 
   weights = {k: float(v) for k, v in d.weights.to_dict().items()}
   warmup = d.get("warmup")

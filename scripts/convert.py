@@ -11,6 +11,10 @@
 
 A release without a config.json is converted by its family's `Reference` (unimm_jax/convert/family.py): each
 such family of unimm_jax.registry adds its flag (--tuna, --wan_vae, ...) and the part flags it reads.
+
+The destination is written to a temporary sibling that replaces it only when the conversion succeeded: a
+failure, SIGTERM or Ctrl-C (exit status 143 / 130) leaves an existing OUT_DIR byte for byte as it was, and what a
+killed run left beside it (OUT_DIR.tmp-*) is removed by the next one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 
 from absl import app, flags
 
-from unimm_jax import registry
+from unimm_jax import cli, registry
 from unimm_jax.convert import hf
 from unimm_jax.convert.errors import ConversionError
 
@@ -66,4 +70,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    with cli.sigterm_as_interrupt():  # so the temporary destination is removed on the way out
+      app.run(main)
+  except KeyboardInterrupt as e:
+    cli.stopped("convert", e, f"interrupted; {FLAGS.dst} is as it was before")

@@ -7,12 +7,17 @@ and score it with ShapesEval. Everything runs offline on CPU.
 Writes to --workdir: checkpoints/events of the run, export/ (a converted TUNA checkpoint for
 scripts/sample.py, edit.py, chat.py --image), samples.png (prompts under the images), edits.png,
 answers.txt, report.json and report.md. A finished run is resumed, not retrained.
+
+SIGTERM / Ctrl-C during training save the last completed step and exit with status 128 + signal, exporting
+and evaluating nothing; the same command resumes training where it stopped. During export and evaluation
+they exit at once (the same statuses), leaving the previous outputs whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import tempfile
 import textwrap
@@ -24,6 +29,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
+
+from unimm_jax import cli  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/tuna_tiny.py:tiny", "demo config", lock_config=True)
 flags.DEFINE_string("workdir", "runs/demo", "run directory")
@@ -52,6 +59,13 @@ def labelled_grid(images: list[np.ndarray], labels: list[str], scale: int = 4, w
   return grid
 
 
+def _write(path: str, text: str) -> None:
+  """Whole or not at all: an interrupted demo never leaves a truncated report behind."""
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
 def main(argv):
   del argv
   import jax
@@ -66,7 +80,12 @@ def main(argv):
 
   config, workdir = FLAGS.config, FLAGS.workdir
   t0 = time.perf_counter()
-  state = trainer.train(config, workdir)
+  try:
+    state = trainer.train(config, workdir)
+  except trainer.Interrupted as e:
+    cli.fail("demo", f"{e}. Nothing was exported or evaluated; `{AGAIN}` resumes it", 128 + e.signum)
+  except (trainer.ConfigError, trainer.NonFiniteLoss) as e:
+    cli.fail("demo", f"error: {e}", 2 if isinstance(e, trainer.ConfigError) else 1)
   train_s = time.perf_counter() - t0
   params = jax.device_get(state.ema_params if state.ema_params is not None else state.params)
 
@@ -87,8 +106,8 @@ def main(argv):
   ev = shapes_eval.ShapesEval(size=config.data.image_size, seed=report["config"]["seed"], per_category=4)
   qs = ev.questions[:8]
   answers = answer_fn(np.stack([q["image"] for q in qs]), [q["question"] for q in qs])
-  with open(os.path.join(workdir, "answers.txt"), "w") as f:
-    f.writelines(f"Q: {q['question']}\nA: {a}  (truth: {q['answer']})\n" for q, a in zip(qs, answers))
+  _write(os.path.join(workdir, "answers.txt"),
+         "".join(f"Q: {q['question']}\nA: {a}  (truth: {q['answer']})\n" for q, a in zip(qs, answers)))
   es = ev.edits[:6]
   edited = edit_fn(np.stack([e["source"] for e in es]), [e["instruction"] for e in es])
   labelled_grid([x for e, out in zip(es, edited) for x in (e["source"], out)],
@@ -96,14 +115,18 @@ def main(argv):
   report["run"] = {"train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - t1, 1),
                    "steps": int(state.step), "skipped_steps": int(state.skipped), "device": str(jax.devices()[0]),
                    "cores": os.cpu_count()}
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+  _write(os.path.join(workdir, "report.json"), json.dumps(report, indent=1))
   md = shapes_eval.report_markdown(report) + f"\n\ntrain {train_s:.0f} s, {int(state.step)} steps on {os.cpu_count()} cores\n"
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write(md)
+  _write(os.path.join(workdir, "report.md"), md)
   print(md)
   logging.info("wrote %s/{samples.png, edits.png, answers.txt, report.json, report.md, export/}", workdir)
 
 
+AGAIN = shlex.join(["python", *sys.argv])
+
 if __name__ == "__main__":
-  app.run(main)
+  try:  # outside training (which saves and raises Interrupted), a stop leaves the outputs whole: export/ is
+    with cli.sigterm_as_interrupt():  # replaced atomically, the reports by _write
+      app.run(main, flags_parser=cli.flags_parser("demo"))
+  except KeyboardInterrupt as e:
+    cli.stopped("demo", e, f"stopped; `{AGAIN}` resumes from the last checkpoint (or evaluates a finished run)")

@@ -1,7 +1,8 @@
 """Scaling studies: list, launch and plot the runs of a sweep defined in configs/scaling/<x>.py.
 
   python scripts/scaling.py --sweep configs/scaling/qwen_lm.py --family tiny --root runs/scaling list
-  python scripts/scaling.py ... launch      # runs scripts/train.py per run, sequentially, skipping finished ones
+  python scripts/scaling.py ... launch      # runs scripts/train.py per run, sequentially, skipping finished ones;
+                                            # SIGTERM / Ctrl-C stop the running one (it saves) and the sweep
   python scripts/scaling.py ... plot        # loss vs training FLOPs from the event files -> <root>/scaling.png
 
 A sweep file defines `runs(family) -> [arg]` and `get_config(arg)`; run i's workdir is <root>/<arg>.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
 
@@ -58,6 +60,20 @@ def cmd_list(rows) -> None:
           f"{'done' if r['done'] else 'todo':>8s} {loss:>8s}")
 
 
+def _train(cmd: list[str]) -> int:
+  """Runs scripts/train.py in its own process group, handing it this process's SIGINT / SIGTERM: a Ctrl-C
+  reaches it once, through here, so it saves and exits (a second one, passed on too, stops it at once).
+  The sweep waits for it instead of dying first and leaving it running."""
+  proc = subprocess.Popen(cmd, start_new_session=True)
+  forward = lambda signum, frame: proc.send_signal(signum)  # noqa: E731
+  previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    return proc.wait()
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
 def cmd_launch(rows, sweep_path: str, extra: list[str]) -> None:
   for r in rows:
     if r["done"]:
@@ -65,7 +81,15 @@ def cmd_launch(rows, sweep_path: str, extra: list[str]) -> None:
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), f"--config={sweep_path}:{r['arg']}",
            f"--workdir={r['workdir']}", *extra]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    code = _train(cmd)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) or code < 0:
+      print(f"scaling: run {r['arg']} was stopped; the same launch command resumes it and the runs after it",
+            file=sys.stderr)
+      sys.exit(128 - code if code < 0 else code)
+    if code:
+      print(f"scaling: run {r['arg']} failed (exit status {code}; its error is above); the sweep stopped there",
+            file=sys.stderr)
+      sys.exit(1)
 
 
 def cmd_plot(rows, out: str) -> None:

@@ -141,6 +141,88 @@ def test_truncated_safetensors_fails_clearly_and_leaves_destination_untouched(hf
   assert sorted(os.listdir(tmp_path)) == ["dst", "x"]  # no temporary directories left behind
 
 
+def _tree_bytes(path):
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        out[os.path.relpath(os.path.join(root, name), path)] = f.read()
+  return out
+
+
+def _leftovers(parent):
+  return [n for n in os.listdir(parent) if ".tmp-" in n or ".old-" in n]
+
+
+def test_failed_or_interrupted_conversions_leave_the_destination_byte_for_byte(hf_dir, tmp_path, monkeypatch):
+  dst = str(tmp_path / "ours")
+  hf.convert_to_orbax(hf_dir[1], dst)
+  before = _tree_bytes(dst)
+  truncated = _rewrite(hf_dir[1], tmp_path / "truncated")
+  os.truncate(os.path.join(truncated, "model.safetensors"), os.path.getsize(os.path.join(truncated, "model.safetensors")) - 64)
+  wrong_shape = _rewrite(hf_dir[1], tmp_path / "shape", edit_tensors=lambda t: t.update(
+      {"model.layers.0.mlp.up_proj.weight": np.zeros((10, 64), np.float32)}))
+  missing_key = _rewrite(hf_dir[1], tmp_path / "missing", edit_tensors=lambda t: t.pop("model.norm.weight"))
+  no_config = _rewrite(hf_dir[1], tmp_path / "no_config")
+  os.remove(os.path.join(no_config, "config.json"))
+  for src, match in [(truncated, r"truncated safetensors file"),
+                     (wrong_shape, r"up_proj\.weight.* gave \(64, 10\), model expects \(64, 112\)"),
+                     (missing_key, r"'norm/scale'"), (no_config, r"no_config: no config\.json")]:
+    with pytest.raises(unimm_jax.ConversionError, match=match):
+      hf.convert_to_orbax(src, dst, overwrite=True)
+    assert _tree_bytes(dst) == before, src
+    assert not _leftovers(tmp_path)
+
+  def killed(*args, **kwargs):  # Ctrl-C (or SIGTERM in scripts/convert.py) half-way through writing
+    raise KeyboardInterrupt
+  monkeypatch.setattr("orbax.checkpoint.StandardCheckpointer.save", killed)
+  with pytest.raises(KeyboardInterrupt):
+    hf.convert_to_orbax(hf_dir[1], dst, overwrite=True)
+  assert _tree_bytes(dst) == before and not _leftovers(tmp_path)
+
+
+def test_a_successful_conversion_replaces_the_destination_and_cleans_what_a_killed_one_left(hf_dir, tmp_path,
+                                                                                              monkeypatch):
+  from unimm_jax import checkpoint
+  ref, src = hf_dir
+  dst = str(tmp_path / "ours")
+  hf.convert_to_orbax(src, dst)
+  doubled = _rewrite(src, tmp_path / "doubled", edit_tensors=lambda t: t.update({k: 2 * v for k, v in t.items()}))
+  os.makedirs(tmp_path / "ours.tmp-killed")  # what a SIGKILL during a conversion leaves
+  (tmp_path / "ours.tmp-killed" / "half.bin").write_bytes(b"x" * 100)
+  hf.convert_to_orbax(doubled, dst, overwrite=True)
+  norm = ref.model.norm.weight.detach().numpy()
+  np.testing.assert_array_equal(np.asarray(unimm_jax.load(dst).params["norm"]["scale"]), 2 * norm)
+  assert sorted(os.listdir(tmp_path)) == ["doubled", "ours"]
+  # without an atomic exchange (another OS or filesystem): rename aside, rename in, remove the old one
+  monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+  hf.convert_to_orbax(src, dst, overwrite=True)
+  np.testing.assert_array_equal(np.asarray(unimm_jax.load(dst).params["norm"]["scale"]), norm)
+  assert sorted(os.listdir(tmp_path)) == ["doubled", "ours"]
+  # killed between those two renames: the next run puts the old destination back before anything else
+  before = _tree_bytes(dst)
+  os.makedirs(tmp_path / "ours.old-killed")
+  os.replace(dst, tmp_path / "ours.old-killed" / "x")
+  missing_key = _rewrite(src, tmp_path / "missing", edit_tensors=lambda t: t.pop("model.norm.weight"))
+  with pytest.raises(unimm_jax.ConversionError):
+    hf.convert_to_orbax(missing_key, dst, overwrite=True)
+  assert _tree_bytes(dst) == before and not _leftovers(tmp_path)
+
+
+def test_an_interrupted_export_leaves_the_previous_export(hf_dir, tmp_path, monkeypatch):
+  hf.convert_to_orbax(hf_dir[1], str(tmp_path / "ours"))
+  back = str(tmp_path / "back")
+  hf.export_to_hf(str(tmp_path / "ours"), back)
+  before = _tree_bytes(back)
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(hf, "save_safetensors", killed)
+  with pytest.raises(KeyboardInterrupt):
+    hf.export_to_hf(str(tmp_path / "ours"), back, overwrite=True)
+  assert _tree_bytes(back) == before and not _leftovers(tmp_path)
+
+
 def test_restore_refuses_a_checkpoint_of_another_shape(hf_dir, tmp_path):
   from unimm_jax import checkpoint
   hf.convert_to_orbax(hf_dir[1], str(tmp_path / "ours"))

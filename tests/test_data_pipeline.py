@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
+import threading
+import time
 from itertools import islice
 
 import numpy as np
@@ -230,6 +233,116 @@ def test_bad_files_are_skipped_and_counted_never_crash_or_change_shapes(tmp_path
   assert {k: v for k, v in stats.items() if k.startswith("skipped/")} == {
       "skipped/missing_file": 1, "skipped/unreadable_image": 2, "skipped/empty_text": 1,
       "skipped/too_long": 1, "skipped/bad_record": 2}
+
+
+def _next_within(it, seconds=120):
+  """next(it) in a thread, so a pipeline that loops for ever fails the test instead of hanging it."""
+  out = {}
+  worker = threading.Thread(target=lambda: out.update(result=_catch(lambda: next(it))), daemon=True)
+  worker.start()
+  worker.join(seconds)
+  assert not worker.is_alive(), f"next() did not return within {seconds} s"
+  return out["result"]
+
+
+def _catch(fn):
+  try:
+    return fn()
+  except Exception as e:  # noqa: BLE001 -- returned for the test to inspect
+    return e
+
+
+def test_a_source_of_only_bad_records_stops_with_an_error_naming_it(tmp_path, tokenizer):
+  """The issue's hang: every record of a repeating source is skipped. Even mixed with a good stream (which
+  keeps rows coming), the bad stream gives up after max_consecutive_skips, naming its file and reasons."""
+  lines = [{"image": f"missing{i}.png", "caption": "a red circle"} for i in range(3)]
+  (tmp_path / "t2i.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+  streams = [pipeline.Stream("t2i", sources.ManifestSource(tmp_path / "t2i.jsonl", "t2i"), 0.5),
+             pipeline.Stream("mmu", shapes.ShapesSource("mmu", 50), 0.5)]
+  prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 16), ((32, 32),))
+  for mix in (streams[:1], streams):
+    it = iter(pipeline.Pipeline(mix, prepare, seq_len=160, batch_size=2, window=4, max_consecutive_skips=30))
+    err = _next_within(it) if len(mix) == 1 else next(e for e in (_next_within(it) for _ in range(40))
+                                                       if isinstance(e, Exception))
+    assert isinstance(err, packing.TooManySkips), err
+    msg = str(err)
+    assert "the last 30 records of stream 't2i' were all skipped (missing_file 30)" in msg
+    assert f"ManifestSource('{tmp_path / 't2i.jsonl'}'" in msg and f"{tmp_path / 't2i.jsonl'}:1 (missing_file: " in msg
+    assert "config.data.max_consecutive_skips" in msg
+    it.close()
+
+
+def test_bad_records_are_named_once_and_not_counted_again_each_epoch(tmp_path, tokenizer, caplog):
+  _png(tmp_path / "good.png")
+  lines = ["{not json", json.dumps({"caption": "no image"}), json.dumps({"image": "missing.png", "caption": "a red"}),
+           json.dumps({"image": "good.png", "caption": "a red square"}),
+           json.dumps({"image": "good.png", "caption": "a red square at the top"})]
+  (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+  src = sources.ManifestSource(tmp_path / "t.jsonl", "t2i")
+  prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 16), ((32, 32),))
+  it = iter(pipeline.Pipeline([pipeline.Stream("t2i", src, 1.0)], prepare, seq_len=64, batch_size=2,
+                              num_epochs=5, window=2))
+  list(it)
+  stats = it.stats()
+  assert stats["samples"] == 10  # 2 good records x 5 epochs
+  assert (stats["skipped/missing_file"], stats["skipped/bad_record"]) == (1, 2)  # once, not once an epoch
+  log = caplog.text
+  assert f"{tmp_path / 't.jsonl'}:1: JSONDecodeError" in log
+  assert f"{tmp_path / 't.jsonl'}:2: no image field" in log
+  named = f"skipped t2i record {tmp_path / 't.jsonl'}:3 (missing_file: {tmp_path / 'missing.png'})"
+  assert log.count(named) == 1, log
+
+
+class _StalledOnce:
+  """A source whose first read hangs for a while (a stalled network filesystem)."""
+
+  def __init__(self, source, seconds):
+    self.source, self.seconds, self.first = source, seconds, True
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    if self.first:
+      self.first = False
+      time.sleep(self.seconds)
+    return self.source[i]
+
+
+def test_closing_does_not_wait_for_a_read_that_hangs(tokenizer, monkeypatch, caplog):
+  monkeypatch.setattr(pipeline, "CLOSE_TIMEOUT_S", 0.5)
+  src = _StalledOnce(shapes.ShapesSource("t2i", 20), seconds=4)
+  prepare = pipeline.Prepare(tokenizer, pipeline.SimpleBuilder(tokenizer, 16), ((32, 32),))
+  it = iter(pipeline.Pipeline([pipeline.Stream("t2i", src, 1.0)], prepare, seq_len=160, batch_size=2,
+                              num_threads=1))
+  t0 = time.perf_counter()
+  it.close()  # what the trainer does on its way out after SIGTERM
+  assert time.perf_counter() - t0 < 5 and "still reading" in caplog.text
+
+
+def test_trainer_gives_up_on_an_all_bad_manifest_instead_of_hanging(tmp_path):
+  from configs import tuna_tiny
+  from unimm_jax.training import trainer
+
+  (tmp_path / "t2i.jsonl").write_text(json.dumps({"image": "missing.png", "caption": "a red circle"}) + "\n")
+  config = tuna_tiny.get_config("smoke")
+  config.data.update(name="tuna_streams", max_consecutive_skips=40)
+  config.mesh.ici, config.batch_size = (-1, 1, 1), 8  # the tests' 8 CPU devices
+  config.data.sources.t2i = f"jsonl:{tmp_path / 't2i.jsonl'}"
+  for stream in ("edit", "mmu", "text"):
+    config.data.weights[stream] = 0.0
+
+  def hung(signum, frame):
+    raise AssertionError("train() hung on the all-bad manifest")
+
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.alarm(300)
+  try:
+    with pytest.raises(packing.TooManySkips, match=r"stream 't2i' were all skipped \(missing_file 40\)"):
+      trainer.train(config, str(tmp_path / "run"))
+  finally:
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def test_array_record_round_trips_arrays_bytes_and_paths(tmp_path):
@@ -492,8 +605,8 @@ def test_trainer_trains_tuna_on_manifests_and_logs_pipeline_counters(tmp_path):
   assert 0 < last["data/efficiency"] <= 1 and 0 <= last["perf/input_wait"] < 1
   assert np.isfinite(last["loss"])
 
-  config.data.sources.edit = "jsonl:/nowhere/edit.jsonl"
-  with pytest.raises(FileNotFoundError, match=r"config.data.sources.edit=.*/nowhere/edit.jsonl"):
+  config.data.sources.edit = "jsonl:/nowhere/edit.jsonl"  # a data error the flags made: ConfigError, one line
+  with pytest.raises(trainer.ConfigError, match=r"config.data.sources.edit=.*/nowhere/edit.jsonl"):
     trainer.train(config, str(tmp_path / "run2"))
   config.data.weights.edit = 0.0
   with pytest.raises(ValueError, match=r"no positive weight for \['edit'\]"):

@@ -15,8 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # configs/
 
 from configs import qwen_lm  # noqa: E402
-from unimm_jax import registry  # noqa: E402
-from unimm_jax.training import metrics, trainer  # noqa: E402
+from unimm_jax.training import checkpointing, metrics, trainer  # noqa: E402
 
 OVERRIDES = {"steps": 8, "checkpoint.every": 3, "log_every": 1}
 
@@ -94,10 +93,19 @@ def test_resume_after_sigkill_gives_bitwise_equal_losses(reference, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_at_the_step_boundary_and_resume_matches(reference, tmp_path, monkeypatch):
   workdir = str(tmp_path)
-  monkeypatch.setitem(registry.DATASETS, "synthetic_tokens",
-                      SignalAt(registry.dataset("synthetic_tokens"), 5, 3, signal.SIGTERM, workdir))
-  state = trainer.train(tiny(), workdir)  # returns normally after saving step 5
-  assert int(state.step) == 5
+  position = checkpointing.DataPosition
+
+  def signal_after_step_5(data):  # taken before step 1 and after each step, outside any wait: the boundary path
+    if len(signal_after_step_5.calls) == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+    signal_after_step_5.calls.append(1)
+    return position(data)
+
+  signal_after_step_5.calls = []
+  monkeypatch.setattr(checkpointing, "DataPosition", signal_after_step_5)
+  with pytest.raises(trainer.Interrupted, match=r"SIGTERM: training stopped at step 5, checkpointed") as e:
+    trainer.train(tiny(), workdir)
+  assert (e.value.step, e.value.latest) == (5, 5)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["3", "5"]
   monkeypatch.undo()
   trainer.train(tiny(), workdir)

@@ -1,9 +1,11 @@
-"""Smoke tests of scripts/bench_train.py and scripts/scaling.py on their tiny settings."""
+"""Smoke tests of scripts/bench_train.py and scripts/scaling.py on their tiny settings, and a stopped sweep."""
 
 import importlib.util
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from configs.scaling import qwen_lm as sweep  # noqa: E402
-from unimm_jax.training import trainer  # noqa: E402
+from unimm_jax.training import metrics, trainer  # noqa: E402
 
 
 def _scaling():
@@ -65,3 +67,23 @@ def test_bench_train_reports_device_dtype_and_mfu(config):
   table = {k.strip(): v.strip() for k, v in table.items()}
   assert table["device"].endswith("(cpu)") and table["dtype (compute / params)"] == "float32 / float32"
   assert 0 < float(table["MFU (achieved / peak)"].rstrip("%")) < 100
+
+
+@pytest.mark.slow
+def test_scaling_launch_hands_a_stop_to_the_running_train_and_ends_the_sweep(tmp_path):
+  arg = sweep.runs("tiny")[0]
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "scripts", "scaling.py"), "launch", "--family", "tiny", "--root",
+       str(tmp_path), "--config.steps=100000", "--config.checkpoint.every=0", "--config.log_every=1"],
+      env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  deadline = time.time() + 300
+  while len(metrics.read_scalars(str(tmp_path / arg / "events")).get("loss", {})) < 2:  # the run is training
+    assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:] if proc.poll() else "slow"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)  # to the sweep only, as a scheduler would
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+  assert f"scaling: run {arg} was stopped; the same launch command resumes it" in out
+  assert "train: SIGTERM: training stopped at step" in out  # the run got the signal, saved and said so
+  assert len(os.listdir(tmp_path / arg / "checkpoints")) == 1

@@ -4,23 +4,29 @@ On disk a converted model is a directory:
   unimm_config.json   {"family", "config", "layout": "loop", "params": {path: [shape, dtype]}, ...}
   params/             Orbax checkpoint of the nested param dict (loop layout: layers_{i})
   tokenizer files     copied from the source, when it had them
-Writes go to a temporary sibling directory renamed into place at the end, so a failure never
-leaves a half-written or overwritten destination. Restore compares paths and shapes first.
+Writes go to a temporary sibling directory (`staged`) that replaces the destination at the end in one
+atomic exchange, so a failure or an interrupt never leaves a half-written or changed destination;
+what an interrupted run leaves beside it (`DST.tmp-*`, `DST.old-*`) is cleaned up by the next one.
+Restore compares paths and shapes first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from unimm_jax.convert.engine import flatten, unflatten
 from unimm_jax.convert.errors import ConversionError
@@ -41,19 +47,80 @@ def read_meta(path: str) -> dict[str, Any]:
     return json.load(f)
 
 
-def save(dst: str, params: Mapping, meta: Mapping[str, Any], *, extra_files: Mapping[str, str] = (),
-         overwrite: bool = False) -> None:
-  """Writes params (loop layout) + meta to `dst` atomically. extra_files: {name: source path}."""
+def clean_partial(dst: str) -> None:
+  """Finishes or undoes what an interrupted `staged` left beside `dst`: a destination moved aside but not
+  yet replaced (`DST.old-*/x`, when DST is missing) is put back; the rest (`DST.tmp-*`, `DST.old-*`) is removed.
+  Two conversions to one destination at once are not supported: each cleans the other's temporaries."""
   dst = os.path.abspath(dst)
+  parent, base = os.path.split(dst)
+  if not os.path.isdir(parent):
+    return
+  for name in sorted(os.listdir(parent)):
+    if not name.startswith((base + ".tmp-", base + ".old-")):
+      continue
+    path = os.path.join(parent, name)
+    if name.startswith(base + ".old-") and os.path.exists(os.path.join(path, "x")) and not os.path.exists(dst):
+      os.replace(os.path.join(path, "x"), dst)
+      logging.warning("%s: put back the destination an interrupted conversion had moved to %s", dst, path)
+    shutil.rmtree(path, ignore_errors=True)
+    logging.warning("%s: removed %s, left by an interrupted conversion", dst, name)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Swaps two directories in one atomic step (Linux renameat2); False where the system cannot."""
+  rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+  if rename is None:
+    return False
+  at_cwd = -100  # AT_FDCWD: the paths are absolute anyway
+  if rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # filesystem or kernel without the exchange
+    return False
+  raise OSError(code, os.strerror(code), b)
+
+
+@contextlib.contextmanager
+def staged(dst: str, *, overwrite: bool) -> Iterator[str]:
+  """Yields an empty temporary sibling of `dst` to write into. When the block succeeds it replaces `dst`: an
+  atomic exchange where the system has one (else `dst` is renamed aside, the new one in, the old removed);
+  when it fails or is interrupted it is removed and `dst` stays byte for byte as it was. Leftovers of an
+  earlier interrupted run are cleaned first (`clean_partial`)."""
+  dst = os.path.abspath(dst)
+  clean_partial(dst)
   if os.path.exists(dst) and not overwrite:
     raise ConversionError(f"{dst}: destination exists (pass overwrite=True / --overwrite to replace it)")
-  flat = flatten(params)
-  if any(k == "layers" or k.startswith("layers/") for k in flat):
-    raise ConversionError(f"{dst}: params are in the scan layout; save the loop layout (unstack_layers)")
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
   try:
+    yield tmp
+    if not os.path.exists(dst):
+      os.replace(tmp, dst)
+    elif _exchange(tmp, dst):
+      shutil.rmtree(tmp)  # now the old destination
+    else:
+      old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
+      os.replace(dst, os.path.join(old, "x"))
+      os.replace(tmp, dst)
+      shutil.rmtree(old)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean_partial(dst)  # an old destination moved aside goes back
+    raise
+
+
+def save(dst: str, params: Mapping, meta: Mapping[str, Any], *, extra_files: Mapping[str, str] = (),
+         overwrite: bool = False) -> None:
+  """Writes params (loop layout) + meta to `dst` atomically (`staged`). extra_files: {name: source path}."""
+  dst = os.path.abspath(dst)
+  flat = flatten(params)
+  if any(k == "layers" or k.startswith("layers/") for k in flat):
+    raise ConversionError(f"{dst}: params are in the scan layout; save the loop layout (unstack_layers)")
+  with staged(dst, overwrite=overwrite) as tmp:
     record = dict(meta, layout="loop",
                   params={k: [list(np.shape(v)), str(np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype)]
                           for k, v in sorted(flat.items())})
@@ -64,16 +131,6 @@ def save(dst: str, params: Mapping, meta: Mapping[str, Any], *, extra_files: Map
       (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
     with open(os.path.join(tmp, META_FILE), "w") as f:
       json.dump(record, f, indent=1)
-    if os.path.exists(dst):
-      old = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".old-", dir=parent)
-      os.replace(dst, os.path.join(old, "x"))
-      os.replace(tmp, dst)
-      shutil.rmtree(old)
-    else:
-      os.replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def restore(path: str, abstract: Mapping) -> dict:

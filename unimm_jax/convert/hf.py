@@ -11,7 +11,6 @@ import json
 import re
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -102,6 +101,7 @@ def convert_hf(src: str, *, param_dtype: str | None = None, place=None, **config
 
 def convert_to_orbax(src: str, dst: str, *, param_dtype: str | None = None, overwrite: bool = False) -> dict:
   """HF directory -> converted directory (Orbax params + unimm_config.json + tokenizer files)."""
+  checkpoint.clean_partial(dst)  # first: a destination an interrupted run had moved aside comes back
   if os.path.exists(dst) and not overwrite:
     raise ConversionError(f"{dst}: destination exists (use --overwrite)")
   t0 = time.perf_counter()
@@ -119,6 +119,7 @@ def convert_to_orbax(src: str, dst: str, *, param_dtype: str | None = None, over
 
 def export_to_hf(ckpt: str, dst: str, *, overwrite: bool = False) -> dict:
   """Converted directory -> HF directory (the family's weights file + config.json + tokenizer files)."""
+  checkpoint.clean_partial(dst)
   if os.path.exists(dst) and not overwrite:
     raise ConversionError(f"{dst}: destination exists (use --overwrite)")
   meta = checkpoint.read_meta(ckpt)
@@ -132,20 +133,11 @@ def export_to_hf(ckpt: str, dst: str, *, overwrite: bool = False) -> dict:
   back = {new: old for old, new in fam.key_prefixes(model_type_of(hf_cfg)).items()}
   tensors = _renamed(sources.LazyTensors({k: (lambda v=v: v) for k, v in tensors.items()}, {}, {}), back)
   tensors = {k: load() for k, load in tensors.items()}
-  parent = os.path.dirname(os.path.abspath(dst))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-  try:
+  with checkpoint.staged(dst, overwrite=overwrite) as tmp:
     save_safetensors(os.path.join(tmp, fam.weights_file), tensors, {"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_cfg, f, indent=1)
     for n in TOKENIZER_FILES:
       if os.path.isfile(os.path.join(ckpt, n)):
         shutil.copy2(os.path.join(ckpt, n), os.path.join(tmp, n))
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    os.replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return {"family": fam.name, "tensors": len(tensors)}

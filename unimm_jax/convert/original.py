@@ -32,6 +32,7 @@ def convert_wan_vae_to_orbax(src: str, dst: str, cfg: vae_wan.WanVAEConfig | Non
                              overwrite: bool = False) -> dict[str, Any]:
   """Original Wan VAE file -> converted directory that `unimm_jax.load` opens (default preset: wan2.2;
   pass `vae_wan.preset("wan2.1")` for `Wan2.1_VAE.pth`)."""
+  checkpoint.clean_partial(dst)
   if os.path.exists(dst) and not overwrite:
     raise ConversionError(f"{dst}: destination exists (use --overwrite)")
   cfg = cfg or vae_wan.preset("wan2.2")

@@ -117,6 +117,7 @@ def load_vae(path: str) -> Any:
 def convert_cli(variant: str, src: str | None, dst: str, parts: Mapping[str, str | None], overwrite: bool) -> dict:
   """`scripts/convert.py --tuna VARIANT`: a reference checkpoint (--src [--tokenizer]) or a stage-1 model from
   parts (--llm [--siglip] [--vae]); latent TUNA needs its VAE (in the checkpoint's vae.* or --vae)."""
+  checkpoint.clean_partial(dst)  # first: a destination an interrupted run had moved aside comes back
   try:
     cfg = tuna.variant(variant)
   except ValueError as e:
