@@ -68,6 +68,20 @@ def test_sharded_index_and_bin_state_dicts_convert(tmp_path):
   np.testing.assert_allclose(logits_of(unimm_jax.load(str(tmp_path / "bin"))), ref_logits(ref), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("payload", [
+    lambda sd: sd,
+    lambda sd: {"state_dict": sd},
+    # tuna-2's training checkpoint (tuna/training/callbacks/checkpoint.py): weights beside step and optimizer state
+    lambda sd: {"model": sd, "step": 7, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {"x": 1}},
+], ids=["bare", "state_dict", "training_checkpoint"])
+def test_pt_state_dict_is_read_bare_or_inside_a_training_checkpoint(payload, tmp_path):
+  sd = {"a.weight": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}
+  torch.save(payload(sd), tmp_path / "w.pt")
+  src = open_weights(str(tmp_path / "w.pt"))
+  assert list(src) == ["a.weight", "b"] and src.shapes == {"a.weight": (2, 3), "b": (4,)}
+  np.testing.assert_array_equal(src["a.weight"](), sd["a.weight"].numpy())
+
+
 def test_bfloat16_checkpoint_keeps_its_dtype(tmp_path):
   ref = hf_tiny.qwen2().to(torch.bfloat16)
   ref.save_pretrained(tmp_path / "hf")

@@ -4,6 +4,10 @@ Import: every source key must match exactly one rule (re.fullmatch) or an IGNORE
 for a fused tensor, a set of `part` rules that together read every slice of it; every tensor is
 checked against its abstract target; every target leaf must be filled; all problems are raised
 together in one ConversionError. Export runs the same table backwards (slices are concatenated).
+
+`check` / `check_bundle` / `export_shapes` run the same code on names and shapes only (a committed key
+list of a real release, tests/fixtures/keys/): each tensor is a zero-stride view, which every transform
+reshapes, transposes and splits without copying, so nothing is read or allocated.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -135,6 +140,27 @@ def _check_parts(key: str, hits: Sequence[CompiledRule]) -> str | None:
   return None
 
 
+def zeros_view(shape: Sequence[int], dtype=np.float32) -> np.ndarray:
+  """A read-only zero-stride array of `shape`: 4 bytes whatever its size; transforms keep it a view."""
+  return np.broadcast_to(np.zeros((), dtype), tuple(shape))
+
+
+def shape_source(shapes: Mapping[str, Sequence[int]]) -> dict[str, Callable[[], np.ndarray]]:
+  """{name: shape} -> a source whose loaders give zero-stride views (no tensor behind them)."""
+  return {k: (lambda s=tuple(s): zeros_view(s)) for k, s in shapes.items()}
+
+
+def _materialise(place: Callable[[np.ndarray], object] | None) -> Callable:
+  def store(got: np.ndarray, want: jax.ShapeDtypeStruct) -> object:
+    got = np.ascontiguousarray(got, dtype=want.dtype)
+    return place(got) if place is not None else got
+  return store
+
+
+def _abstract(got: np.ndarray, want: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(tuple(got.shape), want.dtype)
+
+
 def convert(
     source: Mapping[str, Callable[[], np.ndarray]],
     rules: Sequence[Rule],
@@ -149,6 +175,26 @@ def convert(
   `abstract` is the flat {path: ShapeDtypeStruct} of the target model. `place` (e.g. jax.device_put)
   moves each converted tensor as soon as it is ready, so no second host copy of the model builds up.
   """
+  return _convert(source, rules, abstract, ignore, where, _materialise(place))
+
+
+def check(
+    shapes: Mapping[str, Sequence[int]],
+    rules: Sequence[Rule],
+    abstract: Mapping[str, jax.ShapeDtypeStruct],
+    *,
+    ignore: Iterable[str] = (),
+    where: str = "key list",
+) -> dict[str, jax.ShapeDtypeStruct]:
+  """`convert` of a checkpoint known only by {name: shape}: the same matching, transforms and problems
+  (raised together in one ConversionError), no tensor read or allocated. -> {our path: ShapeDtypeStruct}."""
+  return _convert(shape_source(shapes), rules, abstract, ignore, where, _abstract)
+
+
+def _convert(source: Mapping[str, Callable[[], np.ndarray]], rules: Sequence[Rule],
+             abstract: Mapping[str, jax.ShapeDtypeStruct], ignore: Iterable[str], where: str,
+             store: Callable[[np.ndarray, jax.ShapeDtypeStruct], object]) -> dict:
+  """The one import loop; `store(tensor, abstract leaf)` makes what is kept of a converted tensor."""
   compiled = compile_rules(rules)
   ignore_re = [re.compile(p) for p in ignore]
   out: dict[str, np.ndarray] = {}
@@ -184,8 +230,7 @@ def convert(
         problems.append(
             f"{key!r} -> {dst!r}: {rule.transform.name} gave {tuple(got.shape)}, model expects {tuple(want.shape)}")
         continue
-      got = np.ascontiguousarray(got, dtype=want.dtype)
-      out[dst] = place(got) if place is not None else got
+      out[dst] = store(got, want)
       origin[dst] = key
   missing = sorted(set(abstract) - set(out))
   if missing:
@@ -197,6 +242,26 @@ def convert(
 
 def export(params: Mapping[str, np.ndarray], rules: Sequence[Rule], *, where: str = "params") -> dict[str, np.ndarray]:
   """{our path: array} -> {source key: array in the source layout}, the table run backwards."""
+  return _export(params, rules, where, np.ascontiguousarray,
+                 lambda parts, axis: np.concatenate(parts, axis=axis))
+
+
+def export_shapes(abstract: Mapping[str, Any], rules: Sequence[Rule], *, where: str = "params"
+                  ) -> dict[str, tuple[int, ...]]:
+  """`export` of abstract leaves (anything with a .shape): {source key: shape}, nothing allocated."""
+  def join(parts: Sequence[np.ndarray], axis: int) -> np.ndarray:
+    shape = list(parts[0].shape)
+    shape[axis] = sum(p.shape[axis] for p in parts)
+    return zeros_view(shape)
+
+  views = {path: zeros_view(leaf.shape) for path, leaf in abstract.items()}
+  return {k: tuple(v.shape) for k, v in _export(views, rules, where, lambda t: t, join).items()}
+
+
+def _export(params: Mapping[str, np.ndarray], rules: Sequence[Rule], where: str,
+            finish: Callable[[np.ndarray], np.ndarray], join: Callable[[Sequence[np.ndarray], int], np.ndarray]
+            ) -> dict[str, np.ndarray]:
+  """The one export loop; `finish` makes the kept tensor, `join` rebuilds a fused one from its slices."""
   compiled = compile_rules(rules)
   out: dict[str, np.ndarray] = {}
   slices: dict[str, dict[int, np.ndarray]] = {}   # fused source key -> {slice index: tensor}
@@ -208,7 +273,7 @@ def export(params: Mapping[str, np.ndarray], rules: Sequence[Rule], *, where: st
       problems.append(f"{path!r} matches {len(hits)} export rules")
       continue
     rule, m = hits[0]
-    key, tensor = rule.source_key(m), np.ascontiguousarray(rule.transform.inverse(np.asarray(value)))
+    key, tensor = rule.source_key(m), finish(rule.transform.inverse(np.asarray(value)))
     if rule.transform.part is None:
       out[key] = tensor
       continue
@@ -220,7 +285,7 @@ def export(params: Mapping[str, np.ndarray], rules: Sequence[Rule], *, where: st
     if sorted(got) != list(range(count)):
       problems.append(f"{key!r}: slices {sorted(got)} of {count} present; cannot rebuild the fused tensor")
       continue
-    out[key] = np.concatenate([got[i] for i in range(count)], axis=axis)
+    out[key] = join([got[i] for i in range(count)], axis)
   if problems:
     raise ConversionError(f"{where}: {len(problems)} problem(s):\n  " + "\n  ".join(problems))
   return out
@@ -252,6 +317,17 @@ def convert_bundle(source: Mapping[str, Callable[[], np.ndarray]], parts: Mappin
   key goes to the part of the longest prefix it starts with ("" takes the rest) and is read without that prefix.
   Problems of every part are raised together.
   """
+  return _bundle(source, parts, where, _materialise(place))
+
+
+def check_bundle(shapes: Mapping[str, Sequence[int]], parts: Mapping[str, Part], *, where: str = "key list"
+                 ) -> dict[str, dict[str, jax.ShapeDtypeStruct] | None]:
+  """`convert_bundle` of a checkpoint known only by {name: shape} (see `check`)."""
+  return _bundle(shape_source(shapes), parts, where, _abstract)
+
+
+def _bundle(source: Mapping[str, Callable[[], np.ndarray]], parts: Mapping[str, Part], where: str,
+            store: Callable) -> dict[str, dict | None]:
   prefixes = sorted(parts, key=len, reverse=True)
   routed: dict[str, dict[str, Callable[[], np.ndarray]]] = {p: {} for p in parts}
   unrouted = []
@@ -268,8 +344,8 @@ def convert_bundle(source: Mapping[str, Callable[[], np.ndarray]], parts: Mappin
       out[prefix] = None
       continue
     try:
-      out[prefix] = convert(routed[prefix], part.rules, part.abstract, ignore=part.ignore,
-                            where=f"{where} [{prefix or 'main'}]", place=place)
+      out[prefix] = _convert(routed[prefix], part.rules, part.abstract, part.ignore,
+                             f"{where} [{prefix or 'main'}]", store)
     except ConversionError as e:
       problems.append(str(e))
   if problems:

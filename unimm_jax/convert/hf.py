@@ -12,7 +12,7 @@ import re
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -66,8 +66,9 @@ def _source_dtype(hf_cfg: Mapping[str, Any]) -> str:
   return {"float16": "float16", "bfloat16": "bfloat16"}.get(str(dtype).removeprefix("torch."), "float32")
 
 
-def _renamed(source: sources.LazyTensors, prefixes: Mapping[str, str],
-             legacy: Sequence[tuple[str, str]] = ()) -> dict[str, Callable]:
+def _renamed(source: Mapping[str, Any], prefixes: Mapping[str, str],
+             legacy: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+  """Renames the keys of a mapping (loaders, arrays or shapes): prefixes first, then legacy regexes."""
   out = {}
   for key in source:
     for old, new in prefixes.items():
@@ -94,9 +95,35 @@ def convert_hf(src: str, *, param_dtype: str | None = None, place=None, **config
   if getattr(cfg, "scan_layers", False):
     cfg = dataclasses.replace(cfg, scan_layers=False)  # conversion is always in the loop layout
   abstract = engine.flatten(abstract_params(fam, cfg))
-  source = _renamed(sources.open_weights(src), fam.key_prefixes(model_type_of(hf_cfg)), fam.legacy_keys)
+  source = family_names(fam, model_type_of(hf_cfg), sources.open_weights(src))
   flat = engine.convert(source, fam.rules(cfg), abstract, ignore=fam.ignore(cfg), where=src, place=place)
   return fam, cfg, engine.unflatten(flat)
+
+
+def family_names(fam: Family, model_type: str | None, source: Mapping[str, Any]) -> dict[str, Any]:
+  """Keys of a file of `model_type` -> the names the family's rules read."""
+  return _renamed(source, fam.key_prefixes(model_type), fam.legacy_keys)
+
+
+def file_names(fam: Family, model_type: str | None, tensors: Mapping[str, Any]) -> dict[str, Any]:
+  """Keys the family's rules export -> the names a file of `model_type` holds."""
+  return _renamed(tensors, {new: old for old, new in fam.key_prefixes(model_type).items()})
+
+
+def check_key_list(shapes: Mapping[str, Sequence[int]], fam: Family, cfg: Any, model_type: str, *,
+                   where: str = "key list") -> dict[str, jax.ShapeDtypeStruct]:
+  """What `convert_hf` would report for a checkpoint of `model_type` holding {name: shape}, converted into
+  `cfg`, found without tensors (engine.check): every key mapped, every leaf filled with its shape."""
+  abstract = engine.flatten(abstract_params(fam, cfg))
+  return engine.check(family_names(fam, model_type, shapes), fam.rules(cfg), abstract,
+                      ignore=fam.ignore(cfg), where=where)
+
+
+def export_key_list(fam: Family, cfg: Any, model_type: str) -> dict[str, tuple[int, ...]]:
+  """{name: shape} that `export_to_hf` writes for `cfg` as a `model_type` file, without tensors."""
+  fam.check_exportable(f"family {fam.name}")
+  abstract = engine.flatten(abstract_params(fam, cfg))
+  return file_names(fam, model_type, engine.export_shapes(abstract, fam.rules(cfg)))
 
 
 def convert_to_orbax(src: str, dst: str, *, param_dtype: str | None = None, overwrite: bool = False) -> dict:
@@ -130,9 +157,7 @@ def export_to_hf(ckpt: str, dst: str, *, overwrite: bool = False) -> dict:
   flat = {k: np.asarray(v) for k, v in engine.flatten(params).items()}
   tensors = engine.export(flat, fam.rules(cfg), where=ckpt)
   hf_cfg = meta.get("hf_config") or fam.hf_config(cfg)
-  back = {new: old for old, new in fam.key_prefixes(model_type_of(hf_cfg)).items()}
-  tensors = _renamed(sources.LazyTensors({k: (lambda v=v: v) for k, v in tensors.items()}, {}, {}), back)
-  tensors = {k: load() for k, load in tensors.items()}
+  tensors = file_names(fam, model_type_of(hf_cfg), tensors)
   with checkpoint.staged(dst, overwrite=overwrite) as tmp:
     save_safetensors(os.path.join(tmp, fam.weights_file), tensors, {"format": "pt"})
     with open(os.path.join(tmp, "config.json"), "w") as f:

@@ -89,7 +89,9 @@ def safetensors_source(path: str) -> LazyTensors:
 
 
 def torch_source(path: str) -> LazyTensors:
-  """A `.bin` / `.pth` / `.pt` state dict (needs torch). Unwraps {'state_dict'|'model'|'module': {...}}."""
+  """A `.bin` / `.pth` / `.pt` state dict (needs torch). Unwraps {'state_dict'|'model'|'module': {...}, ...}: a
+  training checkpoint keeps step and optimizer state beside the weights (tuna-2's `{"model", "step",
+  "optimizer", ...}`, read as its checkpoint_loader does)."""
   try:
     import torch
   except ImportError as e:
@@ -98,8 +100,9 @@ def torch_source(path: str) -> LazyTensors:
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
   except Exception as e:  # torch raises many types for corrupt or truncated archives
     raise ConversionError(f"{path}: cannot read PyTorch state dict: {e}") from e
-  while isinstance(state, dict) and len(state) == 1 and next(iter(state)) in ("state_dict", "model", "module"):
-    state = next(iter(state.values()))
+  while isinstance(state, dict) and (wrapper := next((k for k in ("model", "state_dict", "module")
+                                                      if isinstance(state.get(k), dict)), None)):
+    state = state[wrapper]
   if not isinstance(state, dict):
     raise ConversionError(f"{path}: expected a state dict, got {type(state).__name__}")
 

@@ -37,16 +37,26 @@ def convert_reference(weights: str, cfg: tuna.TunaConfig, vae_cfg: vae_wan.WanVA
   the TUNA model and, for latent TUNA, its frozen Wan 2.2 VAE under `vae.model.*` in the original naming.
   """
   src = sources.open_weights(weights)
-  emb = "tuna.model.embed_tokens.weight"
-  if emb not in src.shapes:
-    raise ConversionError(f"{weights}: no {emb!r}; is this a tuna-2 checkpoint? (first keys: {list(src)[:5]})")
-  cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab=src.shapes[emb][0]))
-  fam = tuna_map.FAMILY
-  parts = {"": engine.Part(fam.rules(cfg), engine.flatten(abstract_params(fam, cfg)), fam.ignore(cfg)),
-           VAE_PREFIX: vae_wan_map.original_part(vae_cfg or vae_wan.preset("wan2.2"), required=False)}
-  out = engine.convert_bundle(src, parts, where=weights, place=place)
+  cfg = with_checkpoint_vocab(cfg, src.shapes, weights)
+  out = engine.convert_bundle(src, reference_parts(cfg, vae_cfg), where=weights, place=place)
   vae_params = out[VAE_PREFIX] and engine.unflatten(out[VAE_PREFIX])
   return cfg, engine.unflatten(out[""]), vae_params
+
+
+def with_checkpoint_vocab(cfg: tuna.TunaConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> tuna.TunaConfig:
+  """`cfg` with the vocabulary of a reference checkpoint ({name: shape}): TUNA resizes Qwen's for its tokens."""
+  emb = "tuna.model.embed_tokens.weight"
+  if emb not in shapes:
+    raise ConversionError(f"{where}: no {emb!r}; is this a tuna-2 checkpoint? (first keys: {list(shapes)[:5]})")
+  return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab=shapes[emb][0]))
+
+
+def reference_parts(cfg: tuna.TunaConfig, vae_cfg: vae_wan.WanVAEConfig | None = None) -> dict[str, engine.Part]:
+  """The bundle of a reference checkpoint: the TUNA map at "", the original-Wan map of its frozen VAE (optional:
+  pixel TUNAs have none) at `vae.model.`."""
+  fam = tuna_map.FAMILY
+  return {"": engine.Part(fam.rules(cfg), engine.flatten(abstract_params(fam, cfg)), fam.ignore(cfg)),
+          VAE_PREFIX: vae_wan_map.original_part(vae_cfg or vae_wan.preset("wan2.2"), required=False)}
 
 
 def init_from_parts(cfg: tuna.TunaConfig, *, llm: str, siglip: str | None = None, seed: int = 0) -> tuple[tuna.TunaConfig, dict]:

@@ -73,6 +73,11 @@ class QwenConfig(DictConfig):
     return cls(**{**dict(vocab=152064, embed=3584, mlp=18944, depth=28, heads=28, kv_heads=4, head_dim=128), **kw})
 
   @classmethod
+  def qwen3_1_7b(cls, **kw) -> "QwenConfig":
+    return cls(**{**dict(vocab=151936, embed=2048, mlp=6144, depth=28, heads=16, kv_heads=8, head_dim=128,
+                         model_type="qwen3", qkv_bias=False, qk_norm=True, tie_embeddings=True), **kw})
+
+  @classmethod
   def tiny(cls, **kw) -> "QwenConfig":
     return cls(**{**dict(vocab=256, embed=64, mlp=128, depth=2, heads=4, kv_heads=2, head_dim=16), **kw})
 

@@ -68,8 +68,9 @@ class AutoencoderKLConfig(DictConfig):
 
 
 PRESETS = {
-    # SD 1.x / 2.x (stabilityai/sd-vae-ft-mse) and SDXL (Ovis-U1) share the layout; SDXL rescales.
-    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512),
+    # SD 1.x / 2.x (stabilityai/sd-vae-ft-mse, whose config.json says sample_size 256: the tile edge of tiled
+    # encode/decode) and SDXL (Ovis-U1) share the layout; SDXL rescales.
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=256),
     "sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=1024,
                  scaling_factor=0.13025),
     # FLUX.1 (UniWorld): 16 channels, no quant convs, shifted latents.
