@@ -22,6 +22,7 @@ FAMILIES: dict[str, str] = {
     "vae_wan": "unimm_jax.convert.maps.vae_wan:FAMILY",
     "tuna": "unimm_jax.convert.maps.tuna:FAMILY",
     "t5": "unimm_jax.convert.maps.t5:FAMILY",
+    "clip_text": "unimm_jax.convert.maps.clip_text:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task
