@@ -184,6 +184,7 @@ def test_every_param_is_annotated_and_fsdp_replicates_under_2_percent():
   assert sharding.replicated_fraction(nn.meta.unbox(boxed), sharding.logical_shardings(boxed, mesh)) <= 0.02
 
 
+@pytest.mark.slow  # a subprocess importing jax, torch and transformers: ~20 s of CPU
 def test_bench_text_encoders_script_runs_on_tiny_settings():
   r = subprocess.run([sys.executable, "scripts/bench_text_encoders.py", "--tiny"], cwd=ROOT, capture_output=True,
                      text=True, timeout=600)

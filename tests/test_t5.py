@@ -14,7 +14,7 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 import hf_tiny
 import unimm_jax
-from unimm_jax import checkpoint, registry, sharding
+from unimm_jax import registry, sharding
 from unimm_jax.convert import engine, hf
 from unimm_jax.convert.errors import ConversionError
 from unimm_jax.convert.family import abstract_params
@@ -136,17 +136,15 @@ def test_unknown_model_type_and_a_foreign_bias_table_are_named(tmp_path):
     engine.convert(state, fam.rules(cfg), engine.flatten(abstract_params(fam, cfg)), ignore=fam.ignore(cfg))
 
 
-def test_scan_remat_bf16_agree_and_pallas_refuses_the_position_bias():
+def test_bf16_compute_and_pallas_refusing_the_position_bias():
+  """(The scan + remat layout is checked against transformers in the round-trip test.)"""
   cfg = t5.T5Config.tiny()
   ids = jnp.asarray(IDS)
   params = nn.meta.unbox(t5.T5EncoderModel(cfg).init(jax.random.key(0), ids)["params"])
-  want = t5.T5EncoderModel(cfg).apply({"params": params}, ids, attention_mask=jnp.asarray(MASK))
-  scanned = checkpoint.stack_layers(params, cfg.depth)
-  got = t5.T5EncoderModel(dataclasses.replace(cfg, scan_layers=True, remat="full")).apply(
-      {"params": scanned}, ids, attention_mask=jnp.asarray(MASK))
-  np.testing.assert_allclose(got.last_hidden_state, want.last_hidden_state, atol=1e-5)
+  want = t5.T5EncoderModel(cfg).apply({"params": params}, ids).last_hidden_state
   bf16 = t5.T5EncoderModel(dataclasses.replace(cfg, dtype="bfloat16")).apply({"params": params}, ids)
   assert bf16.last_hidden_state.dtype == jnp.bfloat16
+  assert float(jnp.max(jnp.abs(bf16.last_hidden_state.astype(jnp.float32) - want))) < 0.1
   with pytest.raises(NotImplementedError, match="impl='pallas_gpu': bias"):
     t5.T5EncoderModel(dataclasses.replace(cfg, attention_impl="pallas_gpu")).apply({"params": params}, ids)
 
