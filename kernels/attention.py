@@ -62,6 +62,7 @@ def attention(
     kv_segment_ids: jax.Array | None = None,
     span_ids: jax.Array | None = None,
     causal: bool = False,
+    bias: jax.Array | None = None,
     sm_scale: float | None = None,
     impl: str = "auto",
     block_q: int | None = None,
@@ -75,6 +76,9 @@ def attention(
   non-zero (0 = padding). None means one segment covering everything; kv_segment_ids defaults to
   segment_ids for self-attention (t == s).
   causal: additionally j <= i, unless span_ids[i] == span_ids[j] != 0 (span_ids [b t], self-attention only).
+  bias: an additive logit bias broadcastable to [b h t s] (4 dims, each of size 1 or full), added after the
+  sm_scale scaling and before the mask (T5's relative position bias); only the XLA reference takes it, so
+  "auto" picks XLA for a biased call and the other impls raise NotImplementedError on it.
   Rows that see nothing return zeros. sm_scale defaults to 1/sqrt(e).
   impl: "xla" (reference), "cudnn" (jax.nn.dot_product_attention; no segments or spans),
   "pallas" (flash attention kernels for the platform: Triton on GPU, Mosaic on TPU, the Triton kernels in
@@ -98,13 +102,19 @@ def attention(
     raise ValueError("attention: span_ids only relax a causal mask; pass causal=True")
   if impl not in IMPLS:
     raise ValueError(f"attention: unknown impl {impl!r}; choose from {IMPLS}")
+  if bias is not None and (bias.ndim != 4 or any(n not in (1, m) for n, m in zip(bias.shape, (b, h, t, s)))):
+    raise ValueError(f"attention: bias {bias.shape} does not broadcast to [b h t s]={(b, h, t, s)}")
   if sm_scale is None:
     sm_scale = 1.0 / math.sqrt(e)
   platform = jax.default_backend()
+  if impl == "auto" and bias is not None:
+    impl = "xla"
   if impl == "auto":
     impl = auto_impl(q, k, v, masked=any(x is not None for x in (segment_ids, kv_segment_ids, span_ids)))
   if impl == "pallas":
     impl = "pallas_tpu" if platform == "tpu" else "pallas_gpu"
+  if bias is not None and impl != "xla":
+    raise NotImplementedError(f"attention impl={impl!r}: bias (only the XLA reference adds a logit bias)")
   if not impl.startswith("pallas"):
     for name, value in (("block_q", block_q), ("block_k", block_k), ("interpret", interpret)):
       if value is not None:
@@ -142,4 +152,4 @@ def attention(
     return partition.sharded(flash, shard, q, k, v, segment_ids, kv_segment_ids, span_ids)
   return reference.attention_reference(
       q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids,
-      causal=causal, sm_scale=sm_scale)
+      causal=causal, sm_scale=sm_scale, bias=bias)

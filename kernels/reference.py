@@ -42,11 +42,19 @@ def attention_reference(
     span_ids: jax.Array | None,
     causal: bool,
     sm_scale: float,
+    bias: jax.Array | None = None,
 ) -> jax.Array:
-  """q [b t h e], k/v [b s k e] -> [b t h e]; softmax in fp32, output in q.dtype."""
+  """q [b t h e], k/v [b s k e] -> [b t h e]; softmax in fp32, output in q.dtype.
+  bias (broadcastable to [b h t s]) is added to the scaled logits before masking."""
   groups = q.shape[2] // k.shape[2]
   qg = rearrange(q, "b t (k g) e -> b k g t e", g=groups)
   logits = jnp.einsum("bkgte,bske->bkgts", qg, k, preferred_element_type=jnp.float32) * sm_scale
+  if bias is not None:
+    bias = bias.astype(jnp.float32)
+    if bias.shape[1] == 1:
+      logits = logits + bias[:, :, None]
+    else:
+      logits = logits + rearrange(bias, "b (k g) t s -> b k g t s", g=groups)
   mask = attention_mask(segment_ids, kv_segment_ids, span_ids, causal)[:, None, None]
   logits = jnp.where(mask, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)

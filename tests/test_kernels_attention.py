@@ -254,6 +254,34 @@ def test_non_pallas_backends_reject_pallas_arguments_by_name():
     kernels.attention(q, k, v, segment_ids=jnp.ones((1, 8), jnp.int32), impl="cudnn")
 
 
+@pytest.mark.parametrize("per", ["head", "row"])
+def test_bias_is_added_to_the_scaled_logits_before_the_mask(per):
+  """T5's position bias: softmax(q k^T * scale + bias) over the keys the mask lets through (GQA 4/2, padding)."""
+  rng = np.random.default_rng(15)
+  q, k, v = random_qkv(rng, 2, 6, 6, 4, 2, 8)
+  bias = jnp.asarray(rng.standard_normal((1, 4, 6, 6) if per == "head" else (2, 1, 6, 6)), jnp.float32)
+  kv_seg = jnp.asarray([[1] * 6, [1] * 4 + [0] * 2], jnp.int32)
+  out = kernels.attention(q, k, v, kv_segment_ids=kv_seg, bias=bias, sm_scale=0.5)
+  kk, vv = (np.repeat(np.asarray(x), 2, axis=2) for x in (k, v))
+  logits = np.einsum("bthe,bshe->bhts", np.asarray(q), kk) * 0.5 + np.broadcast_to(bias, (2, 4, 6, 6))
+  logits = np.where(np.asarray(kv_seg)[:, None, None, :] > 0, logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum("bhts,bshe->bthe", p / p.sum(-1, keepdims=True), vv)
+  np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+
+
+def test_only_the_xla_reference_takes_a_bias_and_auto_picks_it():
+  q, k, v = random_qkv(np.random.default_rng(16), 1, 8, 8, 2, 2, 16)
+  bias = jnp.asarray(np.random.default_rng(17).standard_normal((1, 2, 8, 8)), jnp.float32)
+  np.testing.assert_array_equal(kernels.attention(q, k, v, bias=bias),
+                                kernels.attention(q, k, v, bias=bias, impl="xla"))
+  for impl in ("cudnn", "pallas", "pallas_gpu", "pallas_tpu"):
+    with pytest.raises(NotImplementedError, match=f"impl='{impl if impl != 'pallas' else 'pallas_gpu'}': bias"):
+      kernels.attention(q, k, v, bias=bias, impl=impl)
+  with pytest.raises(ValueError, match=r"bias \(1, 3, 8, 8\) does not broadcast to \[b h t s\]=\(1, 2, 8, 8\)"):
+    kernels.attention(q, k, v, bias=jnp.zeros((1, 3, 8, 8)))
+
+
 def test_pallas_rejects_tile_sizes_the_compiler_cannot_take():
   q, k, v = random_qkv(np.random.default_rng(13), 1, 8, 8, 2, 2, 16)
   with pytest.raises(ValueError, match="block_q=24 must be a power of 2"):

@@ -21,6 +21,8 @@ FAMILIES: dict[str, str] = {
     "vae_kl": "unimm_jax.convert.maps.vae_kl:FAMILY",
     "vae_wan": "unimm_jax.convert.maps.vae_wan:FAMILY",
     "tuna": "unimm_jax.convert.maps.tuna:FAMILY",
+    "t5": "unimm_jax.convert.maps.t5:FAMILY",
+    "clip_text": "unimm_jax.convert.maps.clip_text:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task

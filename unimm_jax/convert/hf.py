@@ -27,6 +27,7 @@ from unimm_jax.convert.safetensors_writer import save_safetensors
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "spiece.model",  # sentencepiece tokenizers (T5)
 )
 
 

@@ -1,6 +1,7 @@
 """Layers written once and shared by every model family."""
 
 from unimm_jax.layers.attention import Attention, JointAttention
+from unimm_jax.layers.block import PreLNBlock
 from unimm_jax.layers.embed import Embed
 from unimm_jax.layers.linear import DenseGeneral
 from unimm_jax.layers.mlp import MLP, GatedMLP, activation
@@ -10,7 +11,8 @@ from unimm_jax.layers.norms import GroupNorm, L2Norm
 from unimm_jax.layers.rope import apply_rope, inv_frequencies, rope_angles, rope_angles_mrope
 
 __all__ = [
-    "Attention", "JointAttention", "DenseGeneral", "Embed", "GatedMLP", "LayerNorm", "MLP", "RMSNorm", "activation",
+    "Attention", "JointAttention", "DenseGeneral", "Embed", "GatedMLP", "LayerNorm", "MLP", "PreLNBlock", "RMSNorm",
+    "activation",
     "apply_rope", "inv_frequencies", "rope_angles", "rope_angles_mrope",
     "CausalConv3D", "Conv", "GroupNorm", "L2Norm",
 ]

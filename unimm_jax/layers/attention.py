@@ -37,6 +37,7 @@ class Attention(nn.Module):
   impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  sm_scale: float | None = None      # logit scale (default 1/sqrt(e)); T5 folds it into its init and uses 1
 
   @nn.compact
   def __call__(
@@ -51,6 +52,7 @@ class Attention(nn.Module):
       cache: dict[str, jax.Array] | None = None,
       cache_index: jax.Array | None = None,
       kv_segment_ids: jax.Array | None = None,
+      bias: jax.Array | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
     """Returns (output, updated cache or None).
 
@@ -59,6 +61,9 @@ class Attention(nn.Module):
     over the whole cache with it as the key mask, otherwise (prefill from slot 0) over x itself.
     Cross-attention: k/v come from `kv` [b s c], masked by its own `kv_segment_ids` [b s] (0 = padding;
     default: all valid); `segment_ids` [b t] then only marks padded queries; no cache, causality or spans.
+    Self-attention without a cache takes `kv_segment_ids` as the key mask too (segment_ids default to 1, so
+    padded queries still attend to the valid keys, as transformers' padding masks do). `bias` [b|1 h t s]
+    is added to the logits (kernels.attention: XLA only).
     """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, h, k, e = self.features, self.heads, self.kv_heads, self.head_dim
@@ -88,14 +93,16 @@ class Attention(nn.Module):
     if kv is not None:
       if segment_ids is None and kv_segment_ids is not None:
         segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-      out = kernels.attention(q, key, val, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, impl=self.impl)
+      out = kernels.attention(q, key, val, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, bias=bias,
+                              sm_scale=self.sm_scale, impl=self.impl)
     elif cache is not None and kv_segment_ids is not None:
       out = kernels.attention(
           q, new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype), segment_ids=segment_ids,
-          kv_segment_ids=kv_segment_ids, impl=self.impl)
+          kv_segment_ids=kv_segment_ids, bias=bias, sm_scale=self.sm_scale, impl=self.impl)
     else:
       out = kernels.attention(
-          q, key, val, segment_ids=segment_ids, span_ids=span_ids, causal=causal, impl=self.impl)
+          q, key, val, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids, causal=causal,
+          bias=bias, sm_scale=self.sm_scale, impl=self.impl)
     out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     y = DenseGeneral((h, e), (d,), ("heads", "head_dim", "embed"), self.o_bias, name="o_proj", **kw)(out)
     return y, new_cache

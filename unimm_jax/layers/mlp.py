@@ -12,10 +12,12 @@ from unimm_jax.layers.linear import DenseGeneral
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),   # transformers' name for the tanh form (T5 v1.1)
 }
 
 

@@ -42,9 +42,9 @@ def _collecting(block: type[nn.Module]) -> type[nn.Module]:
 
 
 def build_layers(block: type[nn.Module], depth: int, *args: Any, scan: bool, remat: str = "none",
-                 shared: int = 0, name: str = "layers") -> nn.Module | list[nn.Module]:
-  """`depth` blocks `block(*args)` to assign in a parent's setup(); `shared` is how many shared inputs a
-  block takes after `own`."""
+                 shared: int = 0, name: str = "layers", **kwargs: Any) -> nn.Module | list[nn.Module]:
+  """`depth` blocks `block(*args, **kwargs)` to assign in a parent's setup(); `shared` is how many shared
+  inputs a block takes after `own`."""
   check_remat(remat, name)
   cls = _collecting(block)
   if remat != "none":
@@ -52,8 +52,8 @@ def build_layers(block: type[nn.Module], depth: int, *args: Any, scan: bool, rem
   if scan:
     return nn.scan(cls, variable_axes={"params": 0}, split_rngs={"params": True}, length=depth,
                    in_axes=(0,) + (nn.broadcast,) * shared,
-                   metadata_params={nn.PARTITION_NAME: "layers"})(*args, name=name)
-  return [cls(*args, name=f"{name}_{i}") for i in range(depth)]
+                   metadata_params={nn.PARTITION_NAME: "layers"})(*args, name=name, **kwargs)
+  return [cls(*args, name=f"{name}_{i}", **kwargs) for i in range(depth)]
 
 
 def run_layers(layers: nn.Module | Sequence[nn.Module], x: jax.Array, own: Any, *shared: Any,

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from unimm_jax.layers import MLP, Attention, DenseGeneral, LayerNorm
+from unimm_jax.layers.block import PreLNBlock
 from unimm_jax.layers.stack import build_layers, check_remat, run_layers
 from unimm_jax.models.config import DictConfig
 
@@ -200,25 +201,6 @@ class VisionOutput:
   hidden_states: tuple | None         # num_layers + 1 entries [b t d] (embeddings, then each layer), as HF
 
 
-class EncoderLayer(nn.Module):
-  """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x))."""
-
-  cfg: SiglipVisionConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array, own: None, segment_ids: jax.Array | None) -> tuple[jax.Array, None]:
-    cfg = self.cfg
-    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    h = LayerNorm(cfg.embed, cfg.norm_eps, name="layer_norm1", **kw)(x)
-    h, _ = Attention(cfg.embed, cfg.heads, cfg.heads, cfg.head_dim, qkv_bias=True, o_bias=True,
-                     impl=cfg.attention_impl, name="self_attn", **kw)(h, segment_ids=segment_ids)
-    x = x + h
-    h = LayerNorm(cfg.embed, cfg.norm_eps, name="layer_norm2", **kw)(x)
-    x = x + MLP(cfg.embed, cfg.mlp, cfg.act, name="mlp", **kw)(h)
-    x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    return x, own
-
-
 class MAPHead(nn.Module):
   """Multihead attention pooling: a learned probe per image attends over that image's tokens.
 
@@ -264,7 +246,9 @@ class VisionTransformer(nn.Module):
         "position_embedding",
         nn.with_logical_partitioning(nn.initializers.normal(cfg.embed ** -0.5), (None, "embed")),
         (cfg.posemb_grid ** 2, cfg.embed), jnp.dtype(cfg.param_dtype))
-    self.layers = build_layers(EncoderLayer, cfg.num_layers, cfg, scan=cfg.scan_layers, remat=cfg.remat, shared=1)
+    self.layers = build_layers(
+        PreLNBlock, cfg.num_layers, cfg.embed, cfg.heads, cfg.mlp, cfg.act, cfg.norm_eps, impl=cfg.attention_impl,
+        scan=cfg.scan_layers, remat=cfg.remat, shared=1, **kw)
     if cfg.post_layernorm:
       self.post_layernorm = LayerNorm(cfg.embed, cfg.norm_eps, **kw)
     if cfg.use_head:

@@ -14,22 +14,15 @@ import jax.numpy as jnp
 
 from unimm_jax.convert import transforms as T
 from unimm_jax.convert.family import Family
+from unimm_jax.convert.maps import pre_ln
 from unimm_jax.models import siglip
 from unimm_jax.models.siglip import SiglipVisionConfig
 
-_L = r"encoder\.layers\.(\d+)\."
 _QKV = ("q", "k", "v")
 _COMMON = (
     (r"embeddings\.patch_embedding\.bias", "patch_embedding/bias", T.identity),
     (r"embeddings\.position_embedding\.weight", "position_embedding", T.identity),
-    (_L + r"(layer_norm[12])\.weight", r"layers_\1/\2/scale", T.identity),
-    (_L + r"(layer_norm[12])\.bias", r"layers_\1/\2/bias", T.identity),
-    (_L + r"self_attn\.([qkv])_proj\.weight", r"layers_\1/self_attn/\2_proj/kernel", T.to_heads),
-    (_L + r"self_attn\.([qkv])_proj\.bias", r"layers_\1/self_attn/\2_proj/bias", T.to_heads),
-    (_L + r"self_attn\.out_proj\.weight", r"layers_\1/self_attn/o_proj/kernel", T.from_heads),
-    (_L + r"self_attn\.out_proj\.bias", r"layers_\1/self_attn/o_proj/bias", T.identity),
-    (_L + r"mlp\.(fc[12])\.weight", r"layers_\1/mlp/\2/kernel", T.transpose),
-    (_L + r"mlp\.(fc[12])\.bias", r"layers_\1/mlp/\2/bias", T.identity),
+    *pre_ln.RULES,
     (r"post_layernorm\.weight", "post_layernorm/scale", T.identity),
     (r"post_layernorm\.bias", "post_layernorm/bias", T.identity),
     (r"head\.probe", "head/probe", T.identity),
