@@ -21,6 +21,8 @@ FAMILIES: dict[str, str] = {
     "vae_kl": "unimm_jax.convert.maps.vae_kl:FAMILY",
     "vae_wan": "unimm_jax.convert.maps.vae_wan:FAMILY",
     "tuna": "unimm_jax.convert.maps.tuna:FAMILY",
+    "sana": "unimm_jax.convert.maps.sana:FAMILY",
+    "dc_ae": "unimm_jax.convert.maps.dc_ae:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task
