@@ -134,6 +134,8 @@ def test_bad_input_and_unsupported_options_are_named(tmp_path):
     dc_ae.AutoencoderDCConfig.tiny(decoder_norm_types="batch_norm")
   with pytest.raises(NotImplementedError, match="upsample_block_type 'bilinear'"):
     dc_ae.AutoencoderDCConfig.tiny(upsample_block_type="bilinear")
+  with pytest.raises(NotImplementedError, match=r"config fields \['use_slicing'\] are not supported"):
+    dc_ae.config_from_diffusers({"use_slicing": True})
   with pytest.raises(ValueError, match="unknown activation 'relu6'"):
     dc_ae.AutoencoderDCConfig.tiny(decoder_act_fns="relu6")
   ref = autoencoder_dc()

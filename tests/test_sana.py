@@ -160,6 +160,8 @@ def test_bad_latents_and_image_sizes_are_named():
     sana.SanaConfig.tiny(qk_norm="layer_norm")
   with pytest.raises(NotImplementedError, match="dropout 0.1"):
     sana.config_from_diffusers({**SANA_TINY, "dropout": 0.1})
+  with pytest.raises(NotImplementedError, match=r"config fields \['cross_attention_type'\] are not supported"):
+    sana.config_from_diffusers({**SANA_TINY, "cross_attention_type": "flash", "_diffusers_version": "0.42"})
 
 
 @pytest.mark.parametrize("name,kw", [
@@ -224,3 +226,13 @@ def test_params_carry_vocabulary_axes():
     sharding.check_logical_names(leaf.names, jax.tree_util.keystr(path))
     if len(leaf.value.shape) > 1:
       assert any(n is not None for n in leaf.names), jax.tree_util.keystr(path)
+
+
+def test_bf16_compute_stays_close_to_fp32():
+  ref = transformer(**LAYOUTS["sana_1_5_options"])
+  cfg, params = convert(ref, "sana")
+  x, caption, mask, t, _ = inputs(False)
+  full = _apply(cfg, params, x, caption, t, mask, None)
+  half = _apply(sana.SanaConfig(**{**cfg.to_dict(), "dtype": "bfloat16"}), params, x, caption, t, mask, None)
+  assert half.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(half - full))) < 0.05 * float(jnp.max(jnp.abs(full)))

@@ -75,7 +75,9 @@ class Conv(nn.Module):
         padding[0] = (self.kernel_size[0] - 1, 0)
         if context is not None:
           x, padding[0] = jnp.concatenate([context.astype(x.dtype), x], axis=1), (0, 0)
-      y = _conv(x.astype(self.dtype), kernel, padding, strides, self.groups)
+      depthwise = per_group == 1 and self.groups == self.features and nd == 2 and strides == (1, 1)
+      y = (_depthwise(x.astype(self.dtype), kernel, padding) if depthwise
+           else _conv(x.astype(self.dtype), kernel, padding, strides, self.groups))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
                         (self.features,), self.param_dtype)
@@ -101,6 +103,23 @@ def _conv(x: jax.Array, kernel: jax.Array, padding, strides, groups: int = 1) ->
   return jax.lax.conv_general_dilated(x, kernel, window_strides=strides, padding=[tuple(p) for p in padding],
                                       dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"),
                                       feature_group_count=groups)
+
+
+def _depthwise(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+  """Depthwise stride-1 2D conv as a sum of shifted, per-channel-scaled copies of the padded input.
+
+  Why not conv_general_dilated(feature_group_count=c): XLA:CPU runs that 5x slower (measured 2.9 s vs 0.58 s
+  for SANA-1.6B's 3x3 over 11200 channels at 32 x 32); the k*k multiply-adds fuse into one loop.
+  """
+  kh, kw = kernel.shape[:2]
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+      y = term if y is None else y + term
+  return y
 
 
 def _upsample2x_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -139,6 +139,9 @@ def config_from_diffusers(d: Mapping[str, Any]) -> AutoencoderDCConfig:
   """diffusers vae/config.json (dict) -> AutoencoderDCConfig."""
   skip = {"dtype", "param_dtype", "tile_sample_size", "tile_sample_stride"}
   fields = {f.name for f in dataclasses.fields(AutoencoderDCConfig)} - skip
+  unknown = sorted(k for k in d if not k.startswith("_") and k not in fields)
+  if unknown:
+    raise NotImplementedError(f"AutoencoderDC: config fields {unknown} are not supported")
   return AutoencoderDCConfig(**{k: d[k] for k in fields if k in d})
 
 

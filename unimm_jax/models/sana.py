@@ -114,6 +114,9 @@ def config_from_diffusers(d: Mapping[str, Any]) -> SanaConfig:
     raise NotImplementedError(f"SanaTransformer2DModel: dropout {d['dropout']} is not supported (inference only)")
   skip = {"dtype", "param_dtype", "scan_layers", "remat", "attention_impl"}
   fields = {f.name for f in dataclasses.fields(SanaConfig)} - skip
+  unknown = sorted(k for k in d if not k.startswith("_") and k not in fields | {"dropout"})
+  if unknown:   # an option of a newer release this module does not build: refuse rather than ignore it
+    raise NotImplementedError(f"SanaTransformer2DModel: config fields {unknown} are not supported")
   kw = {k: d[k] for k in fields if k in d}
   kw["out_channels"] = kw.get("out_channels") or kw.get("in_channels", 32)
   return SanaConfig.from_dict(kw)
