@@ -23,6 +23,14 @@ WAN22_TINY = dict(base_dim=8, decoder_base_dim=12, z_dim=6, dim_mult=[1, 2, 2, 2
                   temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
                   patch_size=2, scale_factor_spatial=16, latents_mean=[0.1, -0.2, 0.3, 0.0, 0.2, -0.1],
                   latents_std=[1.5, 0.5, 2.0, 1.0, 0.8, 1.2])
+# 3 levels (4x): a ResBlock level, then EfficientViT levels with 5x5 multi-scale attention (head_dim 8), as
+# dc-ae-f32c32-sana's layout at a toy width.
+_VIT = ("ResBlock", "EfficientViTBlock", "EfficientViTBlock")
+DC_TINY = dict(latent_channels=4, attention_head_dim=8, encoder_block_types=_VIT, decoder_block_types=_VIT,
+               encoder_block_out_channels=(8, 16, 32), decoder_block_out_channels=(8, 16, 32),
+               encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 2),
+               encoder_qkv_multiscales=((), (5,), (5,)), decoder_qkv_multiscales=((), (5,), (5,)),
+               downsample_block_type="Conv", upsample_block_type="interpolate", scaling_factor=0.41407)
 
 
 def randomize(model: torch.nn.Module, out_scale: float = 1.0) -> torch.nn.Module:
@@ -51,6 +59,11 @@ def autoencoder_wan(version: str, **kw) -> diffusers.AutoencoderKLWan:
   torch.manual_seed(0)
   base = WAN21_TINY if version == "2.1" else WAN22_TINY
   return randomize(diffusers.AutoencoderKLWan(**{**base, **kw}), out_scale=0.3)
+
+
+def autoencoder_dc(**kw) -> diffusers.AutoencoderDC:
+  torch.manual_seed(0)
+  return randomize(diffusers.AutoencoderDC(**{**DC_TINY, **kw}))
 
 
 def convert(ref: torch.nn.Module, family: str, rules=None) -> tuple:

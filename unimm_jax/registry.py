@@ -23,6 +23,8 @@ FAMILIES: dict[str, str] = {
     "tuna": "unimm_jax.convert.maps.tuna:FAMILY",
     "t5": "unimm_jax.convert.maps.t5:FAMILY",
     "clip_text": "unimm_jax.convert.maps.clip_text:FAMILY",
+    "sana": "unimm_jax.convert.maps.sana:FAMILY",
+    "dc_ae": "unimm_jax.convert.maps.dc_ae:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task

@@ -81,3 +81,13 @@ def trailing_ones(n: int) -> Transform:
     return x.reshape(shape)
 
   return Transform(f"trailing_ones({n})", forward, lambda y: y.reshape(*y.shape, *(1,) * n))
+
+
+def _pointwise(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if x.shape[2:] != (1, 1):
+    raise ValueError(f"expected a 1x1 conv weight [o i 1 1], got {x.shape}")
+  return x[:, :, 0, 0].T
+
+
+# 1x1 Conv2d weight [o, i, 1, 1] -> dense kernel [i, o] (SANA / DC-AE Mix-FFN projections)
+pointwise = Transform("pointwise", _pointwise, lambda y: y.T[:, :, None, None])

@@ -4,7 +4,8 @@ from unimm_jax.layers.attention import Attention, JointAttention
 from unimm_jax.layers.block import PreLNBlock
 from unimm_jax.layers.embed import Embed
 from unimm_jax.layers.linear import DenseGeneral
-from unimm_jax.layers.mlp import MLP, GatedMLP, activation
+from unimm_jax.layers.linear_attention import LinearAttention, relu_linear_attention
+from unimm_jax.layers.mlp import MLP, GatedMLP, GLUMBConv, activation
 from unimm_jax.layers.norms import LayerNorm, RMSNorm
 from unimm_jax.layers.conv import CausalConv3D, Conv
 from unimm_jax.layers.norms import GroupNorm, L2Norm
@@ -14,5 +15,5 @@ __all__ = [
     "Attention", "JointAttention", "DenseGeneral", "Embed", "GatedMLP", "LayerNorm", "MLP", "PreLNBlock", "RMSNorm",
     "activation",
     "apply_rope", "inv_frequencies", "rope_angles", "rope_angles_mrope",
-    "CausalConv3D", "Conv", "GroupNorm", "L2Norm",
+    "CausalConv3D", "Conv", "GroupNorm", "L2Norm", "GLUMBConv", "LinearAttention", "relu_linear_attention",
 ]

@@ -23,7 +23,8 @@ RopeFn = Callable[[jax.Array], jax.Array]
 
 
 class Attention(nn.Module):
-  """[b t d] -> [b t d]. Params q_proj [d h e], k_proj/v_proj [c k e], o_proj [h e d], q_norm/k_norm [e]."""
+  """[b t d] -> [b t d]. Params q_proj [d h e], k_proj/v_proj [c k e], o_proj [h e d], q_norm/k_norm [e]
+  (or [h e] / [k e] flat when `qk_norm_across_heads`)."""
 
   features: int
   heads: int
@@ -32,6 +33,7 @@ class Attention(nn.Module):
   qkv_bias: bool = False
   o_bias: bool = False
   qk_norm: bool = False
+  qk_norm_across_heads: bool = False  # one RMSNorm over all heads' features (diffusers rms_norm_across_heads)
   norm_eps: float = 1e-6
   kv_features: int | None = None     # c, the width of a cross-attention kv input (default: features)
   impl: str = "auto"
@@ -74,9 +76,9 @@ class Attention(nn.Module):
     q = DenseGeneral((d,), (h, e), ("embed", "heads", "head_dim"), self.qkv_bias, name="q_proj", **kw)(x)
     key = DenseGeneral((c,), (k, e), ("embed", "kv_heads", "head_dim"), self.qkv_bias, name="k_proj", **kw)(src)
     val = DenseGeneral((c,), (k, e), ("embed", "kv_heads", "head_dim"), self.qkv_bias, name="v_proj", **kw)(src)
-    if self.qk_norm:  # Qwen3 / TUNA head: RMSNorm per head, before RoPE
-      q = RMSNorm(e, self.norm_eps, name="q_norm", **kw)(q)
-      key = RMSNorm(e, self.norm_eps, name="k_norm", **kw)(key)
+    if self.qk_norm:  # Qwen3 / TUNA head: RMSNorm per head, before RoPE; SANA 1.5: over all heads
+      q, key = (qk_rms_norm(a, self.norm_eps, self.qk_norm_across_heads, name, kw)
+                for a, name in ((q, "q_norm"), (key, "k_norm")))
     if rope_fn is not None:
       q, key = rope_fn(q), rope_fn(key)
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
@@ -106,6 +108,14 @@ class Attention(nn.Module):
     out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     y = DenseGeneral((h, e), (d,), ("heads", "head_dim", "embed"), self.o_bias, name="o_proj", **kw)(out)
     return y, new_cache
+
+
+def qk_rms_norm(x: jax.Array, eps: float, across_heads: bool, name: str, kw: dict) -> jax.Array:
+  """RMSNorm of [b t h e] over e (per head) or over (h e) at once; called inside a compact module."""
+  if not across_heads:
+    return RMSNorm(x.shape[-1], eps, name=name, **kw)(x)
+  flat = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+  return RMSNorm(flat.shape[-1], eps, name=name, **kw)(flat).reshape(x.shape)
 
 
 class JointAttention(nn.Module):

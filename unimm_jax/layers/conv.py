@@ -23,6 +23,7 @@ class Conv(nn.Module):
   padding: ((lo, hi), ...) per spatial dim; None pads "same" (k-1)//2 / k//2.
   causal: the first spatial dim is time and is padded (k_t - 1, 0), or prefixed with `context`
   [b k_t-1 ... c] (the previous chunk's last frames), so chunked and whole-clip results agree.
+  groups: torch's `groups` (kernel [*window, in/groups, out]); groups = in = out is a depthwise conv.
   """
 
   features: int
@@ -32,6 +33,7 @@ class Conv(nn.Module):
   use_bias: bool = True
   causal: bool = False
   upsample: bool = False    # nearest 2x upsampling of the input first (2D, 3x3, stride 1, "same" only)
+  groups: int = 1
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -40,9 +42,16 @@ class Conv(nn.Module):
     nd = len(self.kernel_size)
     if x.ndim != nd + 2:
       raise ValueError(f"{self.name}: input {x.shape} is not [b {'t h w'[-2 * nd + 1:]} c]")
+    if x.shape[-1] % self.groups or self.features % self.groups:
+      raise ValueError(f"{self.name}: {x.shape[-1]} -> {self.features} channels do not split into "
+                       f"{self.groups} groups")
+    if self.groups > 1 and (self.upsample or self.causal):
+      raise ValueError(f"{self.name}: groups={self.groups} is only supported for a plain conv")
+    per_group = x.shape[-1] // self.groups      # 1 for a depthwise conv: nothing to shard on that axis
     kernel = self.param(
-        "kernel", nn.with_logical_partitioning(default_kernel_init, (None,) * nd + ("conv_in", "conv_out")),
-        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+        "kernel", nn.with_logical_partitioning(
+            default_kernel_init, (None,) * nd + ("conv_in" if per_group > 1 else None, "conv_out")),
+        (*self.kernel_size, per_group, self.features), self.param_dtype)
     padding = list(self.padding if self.padding is not None
                    else [((k - 1) // 2, k // 2) for k in self.kernel_size])
     strides = tuple(self.strides or (1,) * nd)
@@ -66,7 +75,9 @@ class Conv(nn.Module):
         padding[0] = (self.kernel_size[0] - 1, 0)
         if context is not None:
           x, padding[0] = jnp.concatenate([context.astype(x.dtype), x], axis=1), (0, 0)
-      y = _conv(x.astype(self.dtype), kernel, padding, strides)
+      depthwise = per_group == 1 and self.groups == self.features and nd == 2 and strides == (1, 1)
+      y = (_depthwise(x.astype(self.dtype), kernel, padding) if depthwise
+           else _conv(x.astype(self.dtype), kernel, padding, strides, self.groups))
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
                         (self.features,), self.param_dtype)
@@ -87,10 +98,28 @@ def _after(kernel: jax.Array, x: jax.Array) -> jax.Array:
   return kernel + zero.astype(kernel.dtype)
 
 
-def _conv(x: jax.Array, kernel: jax.Array, padding, strides) -> jax.Array:
+def _conv(x: jax.Array, kernel: jax.Array, padding, strides, groups: int = 1) -> jax.Array:
   dims = "DHW"[3 - (x.ndim - 2):]
   return jax.lax.conv_general_dilated(x, kernel, window_strides=strides, padding=[tuple(p) for p in padding],
-                                      dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"))
+                                      dimension_numbers=(f"N{dims}C", f"{dims}IO", f"N{dims}C"),
+                                      feature_group_count=groups)
+
+
+def _depthwise(x: jax.Array, kernel: jax.Array, padding) -> jax.Array:
+  """Depthwise stride-1 2D conv as a sum of shifted, per-channel-scaled copies of the padded input.
+
+  Why not conv_general_dilated(feature_group_count=c): XLA:CPU runs that 5x slower (measured 2.9 s vs 0.58 s
+  for SANA-1.6B's 3x3 over 11200 channels at 32 x 32); the k*k multiply-adds fuse into one loop.
+  """
+  kh, kw = kernel.shape[:2]
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  h, w = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      term = xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0]
+      y = term if y is None else y + term
+  return y
 
 
 def _upsample2x_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -13,10 +13,14 @@ def _param(module: nn.Module, name: str, features: int, init=nn.initializers.one
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale over the last axis (Qwen/LLaMA: normalise in fp32, cast, then scale)."""
+  """x / rms(x) * scale (+ bias) over the last axis (Qwen/LLaMA: normalise in fp32, cast, then scale).
+
+  The bias is diffusers' `RMSNorm(bias=True)` (DC-AE, SANA's Mix-FFN norm), added after the scale.
+  """
 
   features: int
   eps: float = 1e-6
+  use_bias: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -25,25 +29,32 @@ class RMSNorm(nn.Module):
     scale = _param(self, "scale", self.features)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return scale.astype(self.dtype) * y.astype(self.dtype)
+    y = scale.astype(self.dtype) * y.astype(self.dtype)
+    if self.use_bias:
+      bias = _param(self, "bias", self.features, nn.initializers.zeros_init())
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class LayerNorm(nn.Module):
-  """Standard LayerNorm over the last axis with learnable scale and bias."""
+  """Standard LayerNorm over the last axis with learnable scale and bias; `use_scale=False, use_bias=False` is
+  torch's `elementwise_affine=False` (the DiT / PixArt / SANA norms that AdaLN modulates)."""
 
   features: int
   eps: float = 1e-6
   use_bias: bool = True
+  use_scale: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = _param(self, "scale", self.features)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.use_scale:
+      y = y * _param(self, "scale", self.features).astype(jnp.float32)
     if self.use_bias:
       bias = _param(self, "bias", self.features, nn.initializers.zeros_init())
       y = y + bias.astype(jnp.float32)
