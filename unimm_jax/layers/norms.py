@@ -25,22 +25,26 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-  """Standard LayerNorm over the last axis with learnable scale and bias."""
+  """Standard LayerNorm over the last axis with learnable scale and bias; without either (`use_scale` and
+  `use_bias` False, torch's elementwise_affine=False) it has no params (DiT / FLUX before a modulation)."""
 
   features: int
   eps: float = 1e-6
   use_bias: bool = True
+  use_scale: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                       (self.features,), self.param_dtype)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.use_scale:
+      scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                         (self.features,), self.param_dtype)
+      y = y * scale.astype(jnp.float32)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
                         (self.features,), self.param_dtype)
