@@ -21,6 +21,7 @@ FAMILIES: dict[str, str] = {
     "vae_kl": "unimm_jax.convert.maps.vae_kl:FAMILY",
     "vae_wan": "unimm_jax.convert.maps.vae_wan:FAMILY",
     "tuna": "unimm_jax.convert.maps.tuna:FAMILY",
+    "flux": "unimm_jax.convert.maps.flux:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task
