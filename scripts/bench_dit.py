@@ -87,7 +87,12 @@ def flux_rows(sizes: list[int], iters: int, tiny: bool, text_tokens: int) -> lis
                                        iters)
     rows.append(dict(case=f"FLUX {size}^2 ({x.shape[1]}+{text_tokens} tok)", compile_s=compile_s, ours_s=ours_s,
                      torch_s=torch_s, ratio=ours_s / torch_s))
+    _print(rows[-1])
   return rows
+
+
+def _print(r: dict) -> None:
+  print(f"{r['case']:32s} {r['compile_s']:10.2f} {r['ours_s']:9.3f} {r['torch_s']:9.3f} {r['ratio']:10.2f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -101,11 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.sizes, args.text_tokens, args.iters = [64], 8, 1
   print(f"{'case':32s} {'compile s':>10s} {'ours s':>9s} {'torch s':>9s} {'ours/torch':>10s}  "
         f"(torch threads {torch.get_num_threads()}, {jax.devices()[0].platform})")
-  rows = flux_rows(args.sizes, args.iters, args.tiny, args.text_tokens)
-  for r in rows:
-    print(f"{r['case']:32s} {r['compile_s']:10.2f} {r['ours_s']:9.3f} {r['torch_s']:9.3f} {r['ratio']:10.2f}",
-          flush=True)
-  return {"rows": rows}
+  return {"rows": flux_rows(args.sizes, args.iters, args.tiny, args.text_tokens)}
 
 
 if __name__ == "__main__":

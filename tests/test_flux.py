@@ -285,7 +285,7 @@ def test_sampling_on_an_fsdp_x_tensor_parallel_mesh_equals_one_device_tiny():
   _check_meshes(flux.FluxConfig.tiny(depth=1, single_depth=1), [(1, 2, 4)], steps=1)
 
 
-@pytest.mark.slow  # ~1-2 min: FLUX.1 width (3072, 24 heads x 128), 1 double + 1 single block, 3 x 2 steps
+@pytest.mark.slow  # ~3-6 min on 2 cores: FLUX.1 width (3072, 24 x 128), 1 double + 1 single block, 4 x 2 steps
 def test_sampling_under_fsdp_and_tensor_parallel_meshes_equals_one_device_full_width():
   _check_meshes(flux.FluxConfig.dev(depth=1, single_depth=1), [(1, 8, 1), (1, 4, 2), (1, 2, 4)], steps=2)
 
