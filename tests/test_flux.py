@@ -2,6 +2,7 @@
 conversion, bad input, and sampling under FSDP / tensor-parallel meshes (8 fake CPU devices)."""
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -34,6 +35,12 @@ FluxPipeline = diffusers.FluxPipeline
 P = jax.sharding.PartitionSpec
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(cfg, params, *inputs):
+  """Jitted: one compile per config is cheaper than the op-by-op compiles of a first eager apply."""
+  return flux.FluxTransformer2DModel(cfg).apply({"params": params}, *inputs)
+
+
 def _inputs(cfg, b=2, h=6, w=8, t=5, seed=0):
   rng = np.random.default_rng(seed)
   return dict(x=rng.standard_normal((b, h * w // 4, cfg.in_channels)).astype(np.float32),
@@ -56,7 +63,7 @@ def test_transformer_matches_diffusers_fp32(guidance):
   ref = flux_transformer(guidance_embeds=guidance)
   cfg, params = convert(ref, "flux")
   a = _inputs(cfg)
-  got = flux.FluxTransformer2DModel(cfg).apply({"params": params}, *a.values())
+  got = _forward(cfg, params, *a.values())
   np.testing.assert_allclose(got, _torch_forward(ref, a), atol=ATOL, rtol=0)
 
 
@@ -79,15 +86,16 @@ def test_each_block_and_the_embeddings_match_diffusers():
     a = _inputs(cfg)
     want_vec = ref.time_text_embed(torch.from_numpy(a["timestep"]) * 1000, torch.from_numpy(a["guidance"]) * 1000,
                                    torch.from_numpy(a["pooled"]))
-  (got_img, got_txt), _ = flux.DoubleStreamBlock(*block).apply(
-      {"params": params["transformer_blocks_1"]}, (img, txt), None, temb, angles)
+  apply = lambda module, p, *args: jax.jit(lambda p, *a: module.apply({"params": p}, *a))(p, *args)  # noqa: E731
+  (got_img, got_txt), _ = apply(flux.DoubleStreamBlock(*block), params["transformer_blocks_1"], (img, txt), None,
+                                temb, angles)
   np.testing.assert_allclose(got_img, want_img.numpy(), atol=ATOL, rtol=0)
   np.testing.assert_allclose(got_txt, want_txt.numpy(), atol=ATOL, rtol=0)
-  got_single, _ = flux.SingleStreamBlock(*block).apply(
-      {"params": params["single_transformer_blocks_1"]}, np.concatenate([txt, img], 1), None, temb, angles)
+  got_single, _ = apply(flux.SingleStreamBlock(*block), params["single_transformer_blocks_1"],
+                        np.concatenate([txt, img], 1), None, temb, angles)
   np.testing.assert_allclose(got_single, torch.cat(want_single, 1).numpy(), atol=ATOL, rtol=0)
-  got_vec = flux.TimeTextEmbed(d, cfg.pooled_dim, True).apply(
-      {"params": params["time_text_embed"]}, a["timestep"], a["pooled"], a["guidance"])
+  got_vec = apply(flux.TimeTextEmbed(d, cfg.pooled_dim, True), params["time_text_embed"], a["timestep"],
+                  a["pooled"], a["guidance"])
   np.testing.assert_allclose(got_vec, want_vec.numpy(), atol=ATOL, rtol=0)
 
 
@@ -130,7 +138,7 @@ def test_diffusers_directory_loads_converts_exports_bit_exact_and_sharded_index_
   assert loaded.family == "flux" and loaded.tokenizer is None
   a = _inputs(loaded.config)
   want = _torch_forward(ref, a)
-  np.testing.assert_allclose(loaded.module.apply({"params": loaded.params}, *a.values()), want, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(_forward(loaded.config, loaded.params, *a.values()), want, atol=ATOL, rtol=0)
   r = subprocess.run([sys.executable, "scripts/convert.py", "--src", str(tmp_path / "hf"), "--dst",
                       str(tmp_path / "ours")], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
@@ -294,7 +302,7 @@ def test_bf16_compute_stays_close_and_returns_bf16():
   ref = flux_transformer()
   cfg, params = convert(ref, "flux")
   a = _inputs(cfg)
-  out = flux.FluxTransformer2DModel(dataclasses.replace(cfg, dtype="bfloat16")).apply({"params": params}, *a.values())
+  out = _forward(dataclasses.replace(cfg, dtype="bfloat16"), params, *a.values())
   assert out.dtype == jnp.bfloat16
   want = _torch_forward(ref, a)
   assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - want))) < 0.05 * np.abs(want).max()
