@@ -3,12 +3,13 @@
 Each case of CASES builds both sides with the same random weights (diffusers' init, converted by our converter)
 and reports: compile time (ours), the median of --iters timed calls per side, and ours / torch (< 1: ours is
 faster), both in wall time and in process CPU time (all threads): on a shared machine wall time mostly measures
-the neighbours, CPU time the work each side does. Transformers run at full block width and reduced depth (--depth) at the token counts of 512^2 and
-1024^2 images; memory: XLA's compiled memory analysis of the DC-AE decode of one --mem-size image, untiled vs
+the neighbours, CPU time the work each side does. Transformers run at full block width and reduced depth (SANA:
+--depth blocks; FLUX: 1 double + 1 single block, --text-tokens T5 tokens) at the token counts of 512^2 and 1024^2
+images; memory: XLA's compiled memory analysis of the DC-AE decode of one --mem-size image, untiled vs
 tiled (temporaries = activations, what tiling bounds; total adds params and output).
 
-  python scripts/bench_dit.py                      # SANA-1.6B blocks at 512^2 / 1024^2, DC-AE 512^2, memory
-  python scripts/bench_dit.py --only sana          # cases whose name starts with "sana" (or dc_ae, memory)
+  python scripts/bench_dit.py                      # SANA-1.6B and FLUX.1 blocks at 512^2 / 1024^2, DC-AE 512^2, memory
+  python scripts/bench_dit.py --only sana          # cases whose name starts with "sana" (or flux, dc_ae, memory)
   python scripts/bench_dit.py --tiny               # seconds (tiny widths, 64^2 decode); the smoke test
 """
 
@@ -32,11 +33,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_vae import _convert, decode_memory  # noqa: E402  (the same conversion and XLA memory analysis)
 
+from unimm_jax.models import flux  # noqa: E402
+
 # SANA-1600M blocks (diffusers defaults: 2240 wide, 70 x 32 linear heads, 20 x 112 cross heads, Mix-FFN 2.5x);
 # tiny: a few channels. Autoencoder: dc-ae-f32c32-sana (tiny: tests/vae_tiny.py's layout).
 SANA_FULL = dict()
 SANA_TINY = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
                  num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=12)
+# FLUX.1 width (24 heads x 128, diffusers defaults), 1 double + 1 single block, guidance embedding (dev).
+FLUX_FULL = dict(num_layers=1, num_single_layers=1)
+FLUX_TINY = dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
+                 joint_attention_dim=32, pooled_projection_dim=24, axes_dims_rope=(4, 6, 6))
 _VIT = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
 DC_FULL = dict(encoder_block_types=_VIT, decoder_block_types=_VIT, downsample_block_type="Conv",
                upsample_block_type="interpolate", scaling_factor=0.41407)
@@ -93,6 +100,36 @@ def sana_case(image: int) -> Callable[[argparse.Namespace], Pair]:
   return build
 
 
+def flux_case(image: int) -> Callable[[argparse.Namespace], Pair]:
+  """A FLUX forward on the 2x2-packed latents of an image x image picture (8x VAE) plus the text tokens."""
+
+  def build(args: argparse.Namespace) -> Pair:
+    torch.manual_seed(0)
+    ref = diffusers.FluxTransformer2DModel(guidance_embeds=True, **(FLUX_TINY if args.tiny else FLUX_FULL)).eval()
+    module, params = _convert(ref, "flux")
+    cfg = module.cfg
+    h = w = (64 if args.tiny else image) // 8
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, h * w // 4, cfg.in_channels)).astype(np.float32)
+    ctx = rng.standard_normal((args.batch, args.text_tokens, cfg.context_dim)).astype(np.float32)
+    pooled = rng.standard_normal((args.batch, cfg.pooled_dim)).astype(np.float32)
+    t, g = np.full((args.batch,), 0.5, np.float32), np.full((args.batch,), 3.5, np.float32)
+    iid, tid = flux.image_ids(h, w), flux.text_ids(args.text_tokens)
+    fwd = jax.jit(lambda p, *a: module.apply({"params": p}, *a))
+    inputs = (x, ctx, pooled, t, iid, tid, g)
+    targs = dict(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(ctx),
+                 pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(t),
+                 img_ids=torch.from_numpy(iid), txt_ids=torch.from_numpy(tid), guidance=torch.from_numpy(g))
+
+    def run_torch():
+      with torch.no_grad():
+        return ref(**targs).sample
+
+    return Pair(lambda: jax.block_until_ready(fwd(params, *inputs)), run_torch)
+
+  return build
+
+
 def dc_ae_decode_case(image: int) -> Callable[[argparse.Namespace], Pair]:
   def build(args: argparse.Namespace) -> Pair:
     torch.manual_seed(0)
@@ -116,6 +153,8 @@ def dc_ae_decode_case(image: int) -> Callable[[argparse.Namespace], Pair]:
 CASES = (
     Case("sana 512^2 (16x16 tokens)", sana_case(512)),
     Case("sana 1024^2 (32x32 tokens)", sana_case(1024)),
+    Case("flux 512^2 (1024 + text tokens)", flux_case(512)),
+    Case("flux 1024^2 (4096 + text tokens)", flux_case(1024)),
     Case("dc_ae decode 512^2", dc_ae_decode_case(512)),
 )
 
@@ -157,21 +196,22 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--tiny", action="store_true", help="tiny widths (smoke test)")
   parser.add_argument("--depth", type=int, default=2, help="transformer blocks (full width)")
   parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--caption", type=int, default=300, help="caption tokens (the last quarter padded)")
+  parser.add_argument("--caption", type=int, default=300, help="SANA caption tokens (the last quarter padded)")
+  parser.add_argument("--text-tokens", type=int, default=512, help="FLUX text (T5) tokens")
   parser.add_argument("--mem-size", type=int, default=1024, help="image side for the tiled-decode memory case")
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--only", default="", help="run only the cases (and 'memory') whose name starts with this")
   args = parser.parse_args(argv)
   if args.tiny:
-    args.depth, args.caption, args.mem_size, args.iters = 1, 8, 64, 1
+    args.depth, args.caption, args.text_tokens, args.mem_size, args.iters = 1, 8, 8, 64, 1
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), fp32, depth {args.depth}, batch {args.batch}", flush=True)
   rows = [run_case(c, args) for c in CASES if c.name.startswith(args.only)]
   if rows:
-    print(f"{'case':28s} {'compile s':>9s} {'ours s':>8s} {'torch s':>8s} {'ours/torch':>10s} "
+    print(f"{'case':32s} {'compile s':>9s} {'ours s':>8s} {'torch s':>8s} {'ours/torch':>10s} "
           f"{'ours cpu s':>10s} {'torch cpu s':>11s} {'cpu ratio':>9s}")
     for r in rows:
-      print(f"{r['case']:28s} {r['compile_s']:9.2f} {r['ours_s']:8.3f} {r['torch_s']:8.3f} {r['ratio']:10.2f} "
+      print(f"{r['case']:32s} {r['compile_s']:9.2f} {r['ours_s']:8.3f} {r['torch_s']:8.3f} {r['ratio']:10.2f} "
             f"{r['ours_cpu_s']:10.3f} {r['torch_cpu_s']:11.3f} {r['cpu_ratio']:9.2f}", flush=True)
   mem = {}
   if "memory".startswith(args.only):

@@ -9,7 +9,7 @@ import pytest
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_dit.py")
 
 
-@pytest.mark.slow  # ~30 s: compiles two tiny SANA forwards, a DC-AE decode and its tiled / untiled memory analysis
+@pytest.mark.slow  # ~45 s: compiles tiny SANA and FLUX forwards, a DC-AE decode and its tiled / untiled memory analysis
 def test_bench_dit_tiny_prints_ratios_and_tiled_memory(capsys, monkeypatch):
   spec = importlib.util.spec_from_file_location("bench_dit", SCRIPT)
   bench = importlib.util.module_from_spec(spec)

@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "clip_text": "unimm_jax.convert.maps.clip_text:FAMILY",
     "sana": "unimm_jax.convert.maps.sana:FAMILY",
     "dc_ae": "unimm_jax.convert.maps.dc_ae:FAMILY",
+    "flux": "unimm_jax.convert.maps.flux:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task

@@ -123,6 +123,17 @@ def replicated_fraction(abstract: Any, shardings: Any) -> float:
   return replicated / max(total, 1)
 
 
+def bytes_per_device(abstract: Any, shardings: Any) -> int:
+  """Parameter bytes the fullest device holds: each leaf's shard (NamedSharding.shard_shape), whole if replicated.
+  Computed from shapes alone, so it tells what fits before anything is allocated."""
+  per_device: dict[Any, int] = {}
+  for leaf, sh in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True):
+    nbytes = int(np.prod(sh.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+    for device in sh.device_set:
+      per_device[device] = per_device.get(device, 0) + nbytes
+  return max(per_device.values(), default=0)
+
+
 def check_tolerance(abstract: Any, shardings: Any, tolerance: float, where: str) -> float:
   """Raises if more than `tolerance` of param bytes is replicated on a multi-device mesh (MaxText's
   `sharding_tolerance`): a rule typo would otherwise silently replicate a whole model."""

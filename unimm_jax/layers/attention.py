@@ -24,7 +24,10 @@ RopeFn = Callable[[jax.Array], jax.Array]
 
 class Attention(nn.Module):
   """[b t d] -> [b t d]. Params q_proj [d h e], k_proj/v_proj [c k e], o_proj [h e d], q_norm/k_norm [e]
-  (or [h e] / [k e] flat when `qk_norm_across_heads`)."""
+  (or [h e] / [k e] flat when `qk_norm_across_heads`).
+
+  Without `out_proj` there is no o_proj and the output is the attention's heads [b t h e] (FLUX single-stream
+  blocks project them together with their MLP branch)."""
 
   features: int
   heads: int
@@ -36,6 +39,7 @@ class Attention(nn.Module):
   qk_norm_across_heads: bool = False  # one RMSNorm over all heads' features (diffusers rms_norm_across_heads)
   norm_eps: float = 1e-6
   kv_features: int | None = None     # c, the width of a cross-attention kv input (default: features)
+  out_proj: bool = True
   impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -106,6 +110,8 @@ class Attention(nn.Module):
           q, key, val, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, span_ids=span_ids, causal=causal,
           bias=bias, sm_scale=self.sm_scale, impl=self.impl)
     out = nn.with_logical_constraint(out, ("act_batch", "act_length", "act_heads", "act_head_dim"))
+    if not self.out_proj:
+      return out, new_cache
     y = DenseGeneral((h, e), (d,), ("heads", "head_dim", "embed"), self.o_bias, name="o_proj", **kw)(out)
     return y, new_cache
 

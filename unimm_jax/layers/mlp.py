@@ -49,12 +49,13 @@ class GatedMLP(nn.Module):
 
 
 class MLP(nn.Module):
-  """fc2(act(fc1(x))): [b t d] -> [b t d]."""
+  """fc2(act(fc1(x))): [... d] -> [... out_features] (default d); fc1 [d f], fc2 [f out_features]."""
 
   features: int
   hidden: int
   act: str = "gelu_tanh"
   use_bias: bool = True
+  out_features: int | None = None    # a projection between widths (FLUX's pooled-text embedder: 768 -> 3072)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -62,8 +63,10 @@ class MLP(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
     h = DenseGeneral((self.features,), (self.hidden,), ("embed", "mlp"), name="fc1", **kw)(x)
-    h = nn.with_logical_constraint(activation(self.act)(h), ("act_batch", "act_length", "act_mlp"))
-    return DenseGeneral((self.hidden,), (self.features,), ("mlp", "embed"), name="fc2", **kw)(h)
+    axes = ("act_batch",) + ("act_length",) * (h.ndim - 2) + ("act_mlp",)
+    h = nn.with_logical_constraint(activation(self.act)(h), axes)
+    return DenseGeneral((self.hidden,), (self.out_features or self.features,), ("mlp", "embed"), name="fc2",
+                        **kw)(h)
 
 
 class GLUMBConv(nn.Module):

@@ -1,4 +1,4 @@
-"""Rotary position embeddings: angle builders (1D, multimodal M-RoPE, 3D t/h/w) and rotations.
+"""Rotary position embeddings: angle builders (1D, multimodal M-RoPE, per-axis t/h/w blocks) and rotations.
 
 Angles are computed in fp32: [... t] positions -> [... t e/2] angles. `apply_rope` rotates [b t h e]
 features either in halves (`rotate_half`, HF LLaMA/Qwen layout) or in interleaved pairs (2p, 2p+1).
@@ -62,9 +62,17 @@ def llama3_inv_frequencies(dim: int, theta: float, factor: float, low_freq_facto
   return jnp.where(medium, smoothed, scaled)
 
 
+def rope_angles_axes(pos: jax.Array, dims: Sequence[int], theta: float) -> jax.Array:
+  """[... t n] positions on n axes -> [... t sum(dims)/2] angles: axis i rotates its own dims[i] features,
+  the blocks concatenated in axis order (FLUX's `axes_dims_rope` over (t, h, w) ids; TUNA's 3D RoPE)."""
+  if pos.shape[-1] != len(dims) or any(d % 2 for d in dims):
+    raise ValueError(f"rope_angles_axes: positions {pos.shape} need one axis per dims {tuple(dims)}, each even")
+  return jnp.concatenate([rope_angles(pos[..., i], d, theta) for i, d in enumerate(dims)], axis=-1)
+
+
 def rope_angles_thw(pos: jax.Array, dim: int, theta: float, split: Sequence[int] = (2, 3, 3)) -> jax.Array:
   """[b t 3] (t, y, x) positions -> [b t dim/2] angles; head_dim split t:y:x = 2:3:3 (TUNA's 3D RoPE)."""
   dims = [dim * s // sum(split) for s in split]
   if sum(dims) != dim or any(d % 2 for d in dims):
     raise ValueError(f"rope_angles_thw: head_dim {dim} does not split {tuple(split)} into even parts")
-  return jnp.concatenate([rope_angles(pos[..., i], d, theta) for i, d in enumerate(dims)], axis=-1)
+  return rope_angles_axes(pos, dims, theta)
