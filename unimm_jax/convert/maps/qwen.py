@@ -15,6 +15,7 @@ RULES = (
     (_L + r"self_attn\.([qkv])_proj\.weight", r"layers_\1/self_attn/\2_proj/kernel", T.to_heads),
     (_L + r"self_attn\.([qkv])_proj\.bias", r"layers_\1/self_attn/\2_proj/bias", T.to_heads),
     (_L + r"self_attn\.o_proj\.weight", r"layers_\1/self_attn/o_proj/kernel", T.from_heads),
+    (_L + r"self_attn\.o_proj\.bias", r"layers_\1/self_attn/o_proj/bias", T.identity),  # Qwen3 attention_bias
     (_L + r"self_attn\.([qk])_norm\.weight", r"layers_\1/self_attn/\2_norm/scale", T.identity),
     (_L + r"mlp\.(gate|up|down)_proj\.weight", r"layers_\1/mlp/\2_proj/kernel", T.transpose),
     (_L + r"(input_layernorm|post_attention_layernorm)\.weight", r"layers_\1/\2/scale", T.identity),
@@ -25,6 +26,13 @@ RULES = (
 IGNORE = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
 # With tied embeddings HF state dicts repeat the table as lm_head.weight; the model has no lm_head.
 IGNORE_TIED = IGNORE + (r"lm_head\.weight",)
+# The vision tower of a Qwen2.5-VL checkpoint read for its text decoder only (5.x and legacy names).
+IGNORE_VISION = (r"model\.visual\..*", r"visual\..*")
+
+
+def ignore(cfg: qwen.QwenConfig) -> tuple[str, ...]:
+  return ((IGNORE_TIED if cfg.tie_embeddings else IGNORE)
+          + (IGNORE_VISION if cfg.model_type == "qwen2_5_vl_text" else ()))
 
 
 def hf_prefix_for(model_type_in_file: str) -> dict[str, str]:
