@@ -1,4 +1,5 @@
-"""HF Qwen2 / Qwen2.5 / Qwen3 / Qwen2.5-VL text -> unimm_jax.models.qwen (loop layout)."""
+"""HF Qwen2 / Qwen2.5 / Qwen3 -> unimm_jax.models.qwen (loop layout); also the text decoder of a Qwen2.5-VL
+checkpoint, when asked for by name (`unimm_jax.load(dir, family="qwen")`; the whole model is maps/qwen_vl.py)."""
 
 from typing import Any
 
@@ -49,7 +50,8 @@ def hf_prefix_for(model_type_in_file: str) -> dict[str, str]:
 def hf_config(cfg: qwen.QwenConfig) -> dict[str, Any]:
   """QwenConfig -> config.json of Qwen2ForCausalLM / Qwen3ForCausalLM."""
   if cfg.model_type == "qwen2_5_vl_text":
-    raise ConversionError("export of a Qwen2.5-VL text decoder needs the source config.json (convert from HF)")
+    raise ConversionError("a Qwen2.5-VL text decoder alone has no Hugging Face form; export the whole model "
+                          "(convert the directory with family qwen_vl, the default)")
   arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.model_type]
   return {
       "architectures": [arch], "model_type": cfg.model_type, "vocab_size": cfg.vocab, "hidden_size": cfg.embed,
@@ -61,7 +63,7 @@ def hf_config(cfg: qwen.QwenConfig) -> dict[str, Any]:
 
 
 FAMILY = Family(
-    name="qwen", hf_model_types=("qwen2", "qwen3", "qwen2_5_vl", "qwen2_5_vl_text"), config_cls=qwen.QwenConfig,
-    config_from_hf=qwen.config_from_hf, module=qwen.Qwen, example_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
-    rules=lambda cfg: RULES, ignore=lambda cfg: IGNORE_TIED if cfg.tie_embeddings else IGNORE,
+    name="qwen", hf_model_types=("qwen2", "qwen3", "qwen2_5_vl_text"), part_of=("qwen2_5_vl",),
+    config_cls=qwen.QwenConfig, config_from_hf=qwen.config_from_hf, module=qwen.Qwen,
+    example_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),), rules=lambda cfg: RULES, ignore=ignore,
     key_prefixes=hf_prefix_for, hf_config=hf_config)
