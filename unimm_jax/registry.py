@@ -16,6 +16,8 @@ from typing import Any
 
 FAMILIES: dict[str, str] = {
     "qwen": "unimm_jax.convert.maps.qwen:FAMILY",
+    "qwen_vl": "unimm_jax.convert.maps.qwen_vl:FAMILY",
+    "qwen_vit": "unimm_jax.convert.maps.qwen_vl:FAMILY_VIT",
     "siglip": "unimm_jax.convert.maps.siglip:FAMILY_SIGLIP",
     "siglip2": "unimm_jax.convert.maps.siglip:FAMILY_SIGLIP2",
     "vae_kl": "unimm_jax.convert.maps.vae_kl:FAMILY",
