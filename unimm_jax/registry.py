@@ -20,6 +20,7 @@ FAMILIES: dict[str, str] = {
     "qwen_vit": "unimm_jax.convert.maps.qwen_vl:FAMILY_VIT",
     "siglip": "unimm_jax.convert.maps.siglip:FAMILY_SIGLIP",
     "siglip2": "unimm_jax.convert.maps.siglip:FAMILY_SIGLIP2",
+    "aimv2": "unimm_jax.convert.maps.aimv2:FAMILY",
     "vae_kl": "unimm_jax.convert.maps.vae_kl:FAMILY",
     "vae_wan": "unimm_jax.convert.maps.vae_wan:FAMILY",
     "tuna": "unimm_jax.convert.maps.tuna:FAMILY",
