@@ -37,6 +37,16 @@ def qwen2_5_vl(vision: dict | None = None, **kw) -> transformers.Qwen2_5_VLForCo
   return _randomize(transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval())
 
 
+def assert_same_weights(dir_a, dir_b) -> None:
+  """Two HF directories hold the same tensor names and bit-identical tensors (export round trips)."""
+  import numpy as np
+  from unimm_jax.convert.sources import open_weights
+  a, b = open_weights(str(dir_a)), open_weights(str(dir_b))
+  assert sorted(a) == sorted(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k](), b[k]())
+
+
 def _randomize(model):
   """HF inits norms to 1 and biases to 0; random values make the parity test see every tensor."""
   g = torch.Generator().manual_seed(1)

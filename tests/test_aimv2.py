@@ -22,7 +22,6 @@ from unimm_jax import registry
 from unimm_jax.convert import engine, hf
 from unimm_jax.convert.family import abstract_params
 from unimm_jax.convert.maps import qwen_vl as qwen_vl_map
-from unimm_jax.convert.sources import open_weights
 from unimm_jax.data import qwen_vl as data_vl
 from unimm_jax.models import aimv2, qwen_vit
 
@@ -88,10 +87,7 @@ def test_full_aimv2_checkpoint_loads_and_exports_bit_exact(tmp_path):
   ref.save_pretrained(tmp_path / "vision")
   hf.convert_to_orbax(str(tmp_path / "vision"), str(tmp_path / "ours_v"))
   hf.export_to_hf(str(tmp_path / "ours_v"), str(tmp_path / "back"))
-  saved, exported = open_weights(str(tmp_path / "vision")), open_weights(str(tmp_path / "back"))
-  assert sorted(saved) == sorted(exported)
-  for k in saved:
-    np.testing.assert_array_equal(exported[k](), saved[k]())
+  hf_tiny.assert_same_weights(str(tmp_path / "vision"), str(tmp_path / "back"))
   again = transformers.Aimv2VisionModel.from_pretrained(tmp_path / "back").eval()
   with torch.no_grad():
     np.testing.assert_array_equal(again(nchw(px)).last_hidden_state.numpy(), ref(nchw(px)).last_hidden_state.numpy())
@@ -122,10 +118,10 @@ def test_packed_rows_equal_each_image_alone_at_fixed_resolution():
   module = aimv2.Aimv2VisionModel(cfg)
   params = init(module, 56)
   rng = np.random.default_rng(0)
-  images = [rng.normal(size=(h * 14, w * 14, 3)).astype(np.float32) for h, w in [(4, 6), (2, 2), (6, 4)]]
+  images = [rng.normal(size=(h * 14, w * 14, 3)).astype(np.float32) for h, w in [(4, 6), (6, 4)]]
   grids = [(1, im.shape[0] // 14, im.shape[1] // 14) for im in images]
   flat = np.concatenate([data_vl.patchify(im, 14, 2, 1) for im in images])  # Qwen2-VL order, temporal patch 1
-  packing = data_vl.pack_vision(grids, merge=2, window=0, row_tokens=48)
+  packing = data_vl.pack_vision(grids, merge=2, window=0)   # both images in one row
   out = jax.jit(lambda p, *a: module.apply({"params": p}, patches=a[0], positions=a[1], frame_sizes=a[2],
                                             frame_ids=a[3]).last_hidden_state)(
       params, packing.rows(flat), packing.positions, packing.frame_sizes, packing.frame_ids)
@@ -158,10 +154,9 @@ def test_rope_and_windows_equal_transformers_qwen2_5_vl_blocks():
   rng = np.random.default_rng(0)
   flat = rng.normal(size=(sum(h * w for _, h, w in grids), 3 * 14 * 14)).astype(np.float32)
   packing = data_vl.pack_vision(grids, merge=2, window=cfg.window)
-  out = module.apply({"params": params}, patches=jnp.asarray(packing.rows(flat)),
-                     positions=jnp.asarray(packing.positions), frame_sizes=jnp.asarray(packing.frame_sizes),
-                     frame_ids=jnp.asarray(packing.frame_ids), window_ids=jnp.asarray(packing.window_ids),
-                     return_hidden_states=True)
+  out = jax.jit(lambda p, *a: module.apply({"params": p}, patches=a[0], positions=a[1], frame_sizes=a[2],
+                                            frame_ids=a[3], window_ids=a[4], return_hidden_states=True))(
+      params, packing.rows(flat), packing.positions, packing.frame_sizes, packing.frame_ids, packing.window_ids)
   n = len(flat)
   g = torch.tensor(grids)
   window_index, cu_windows = get_vision_window_index(g, 2, 56, 14)
@@ -183,7 +178,7 @@ def qwen_reference_tower(**kw):
 def test_bad_inputs_are_named():
   cfg = aimv2.Aimv2VisionConfig.tiny()
   module = aimv2.Aimv2VisionModel(cfg)
-  params = init(module, 16)
+  params = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"])
   with pytest.raises(ValueError, match=r"pixels \(1, 3, 16, 3\) are not a positive multiple of the patch \(4\)"):
     module.apply({"params": params}, jnp.zeros((1, 3, 16, 3)))
   with pytest.raises(ValueError, match="a 4x8 patch grid for a position table of 4x4"):
