@@ -165,12 +165,12 @@ def _frame_order(h: int, w: int, merge: int, window: int) -> tuple[np.ndarray, n
   return (order[:, None] * unit + np.arange(unit)).reshape(-1), np.asarray([len(g) * unit for g in windows])
 
 
-def pack_vision(grids: Sequence[Sequence[int]], *, merge: int, window: int, row_tokens: int | None = None,
+def pack_vision(grids: Sequence[Sequence[int]], *, merge: int, window: int, seq_len: int | None = None,
                 multiple: int = 64) -> VisionPacking:
   """Packs images / videos of patch grids (t, h, w) (image_grid_thw / video_grid_thw rows) into rows.
 
   window: merge groups per window side (Qwen2.5-VL: window_size / merge / patch = 4); 0 = no window layers.
-  row_tokens: row length (a multiple of merge^2); frames fill rows in order, a row is closed when the next frame
+  seq_len: row length (a multiple of merge^2); frames fill rows in order, a row is closed when the next frame
   does not fit. None: one row holding everything, padded to a multiple of `multiple`.
   """
   unit = merge * merge
@@ -184,14 +184,14 @@ def pack_vision(grids: Sequence[Sequence[int]], *, merge: int, window: int, row_
   if not frames:
     raise ValueError("pack_vision: no images")
   sizes = [h * w for _, _, h, w in frames]
-  if row_tokens is None:
+  if seq_len is None:
     length = -(-sum(sizes) // multiple) * multiple
   else:
-    if row_tokens % unit:
-      raise ValueError(f"pack_vision: row_tokens {row_tokens} is not a multiple of merge^2 = {unit}")
-    if max(sizes) > row_tokens:
-      raise ValueError(f"pack_vision: a frame of {max(sizes)} patches does not fit rows of {row_tokens} tokens")
-    length = row_tokens
+    if seq_len % unit:
+      raise ValueError(f"pack_vision: seq_len {seq_len} is not a multiple of merge^2 = {unit}")
+    if max(sizes) > seq_len:
+      raise ValueError(f"pack_vision: a frame of {max(sizes)} patches does not fit rows of {seq_len} tokens")
+    length = seq_len
   placement, row, used = [], 0, 0
   for n in sizes:
     if used + n > length:

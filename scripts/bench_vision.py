@@ -212,7 +212,7 @@ def padded_rows(grids, patches: np.ndarray, window: int, length: int) -> tuple:
   rows, offset = [], 0
   for g in grids:
     n = int(np.prod(g))
-    p = data_vl.pack_vision([g], merge=2, window=window, row_tokens=length)
+    p = data_vl.pack_vision([g], merge=2, window=window, seq_len=length)
     rows.append((p.rows(patches[offset:offset + n]), p.positions, p.frame_ids, p.window_ids))
     offset += n
   return tuple(jnp.asarray(np.concatenate([r[i] for r in rows])) for i in range(4))
@@ -257,7 +257,7 @@ def qwen_vl_sections(args):
   grid = (1, side // 14, side // 14)
 
   def fixed_layouts(grids, pv):
-    p = data_vl.pack_vision(grids, merge=2, window=cfg.window, row_tokens=int(np.prod(grid)))
+    p = data_vl.pack_vision(grids, merge=2, window=cfg.window, seq_len=int(np.prod(grid)))
     return {"(jit)": (jnp.asarray(p.rows(pv)), jnp.asarray(p.positions), jnp.asarray(p.frame_ids),
                       jnp.asarray(p.window_ids)), "_packing": p}
 
@@ -278,7 +278,7 @@ def qwen_vl_sections(args):
   longest = -(-max(int(np.prod(g)) for g in mixed_grids) // 64) * 64
 
   def mixed_layouts(grids, pv):
-    p = data_vl.pack_vision(grids, merge=2, window=cfg.window, row_tokens=longest)
+    p = data_vl.pack_vision(grids, merge=2, window=cfg.window, seq_len=longest)
     packed = (jnp.asarray(p.rows(pv)), jnp.asarray(p.positions), jnp.asarray(p.frame_ids), jnp.asarray(p.window_ids))
     return {"padded": padded_rows(grids, pv, cfg.window, longest), "packed": packed}
 

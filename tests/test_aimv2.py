@@ -17,8 +17,9 @@ import transformers
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 import hf_tiny
+from annotations import assert_every_param_annotated
 import unimm_jax
-from unimm_jax import registry
+from unimm_jax import checkpoint, registry
 from unimm_jax.convert import engine, hf
 from unimm_jax.convert.family import abstract_params
 from unimm_jax.convert.maps import qwen_vl as qwen_vl_map
@@ -175,6 +176,24 @@ def qwen_reference_tower(**kw):
   return transformers.Qwen2_5_VisionTransformerPretrainedModel(cfg).eval()
 
 
+def test_every_param_is_annotated_and_scan_equals_loop():
+  cfg = aimv2.Aimv2VisionConfig.tiny(window_size=8, merge=1, fullatt_blocks=(1,), rope=True)
+  scan_cfg = dataclasses.replace(cfg, scan_layers=True)
+  for c in (cfg, scan_cfg):
+    boxed = jax.eval_shape(aimv2.Aimv2VisionModel(c).init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))["params"]
+    assert_every_param_annotated(boxed, scan=c.scan_layers)
+  params = init(aimv2.Aimv2VisionModel(cfg), 16)
+  packing = data_vl.pack_vision([(1, 4, 4), (1, 2, 4)], merge=1, window=cfg.window)
+  flat = np.random.default_rng(0).normal(size=(24, 48)).astype(np.float32)
+  args = dict(patches=jnp.asarray(packing.rows(flat)), positions=jnp.asarray(packing.positions),
+              frame_sizes=jnp.asarray(packing.frame_sizes), frame_ids=jnp.asarray(packing.frame_ids), window_ids=jnp.asarray(packing.window_ids))
+  def run(c, p):
+    module = aimv2.Aimv2VisionModel(dataclasses.replace(c, use_head=False))
+    return jax.jit(lambda p, a: module.apply({"params": p}, **a).last_hidden_state)(p, args)
+  np.testing.assert_allclose(run(scan_cfg, checkpoint.stack_layers(params, cfg.depth)), run(cfg, params), atol=1e-5,
+                             rtol=0)
+
+
 def test_bad_inputs_are_named():
   cfg = aimv2.Aimv2VisionConfig.tiny()
   module = aimv2.Aimv2VisionModel(cfg)
@@ -183,6 +202,9 @@ def test_bad_inputs_are_named():
     module.apply({"params": params}, jnp.zeros((1, 3, 16, 3)))
   with pytest.raises(ValueError, match="a 4x8 patch grid for a position table of 4x4"):
     module.apply({"params": params}, jnp.zeros((1, 16, 32, 3)))
+  with pytest.raises(ValueError, match="packed patches need positions, frame_ids"):
+    aimv2.Aimv2VisionModel(dataclasses.replace(cfg, use_head=False)).apply(
+        {"params": params}, patches=jnp.zeros((1, 4, 48)), positions=jnp.zeros((1, 4, 2), jnp.int32))
   with pytest.raises(ValueError, match="packed rows need use_head=False"):
     module.apply({"params": params}, patches=jnp.zeros((1, 4, 48)), positions=jnp.zeros((1, 4, 2), jnp.int32),
                  frame_ids=jnp.ones((1, 4), jnp.int32))

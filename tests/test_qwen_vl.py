@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +18,10 @@ from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwe
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 import hf_tiny
+from annotations import assert_every_param_annotated
 import unimm_jax
 from test_vision_processing import photo
-from unimm_jax import registry, sharding
+from unimm_jax import registry
 from unimm_jax.convert import engine, hf
 from unimm_jax.convert.errors import ConversionError
 from unimm_jax.convert.family import abstract_params
@@ -102,7 +102,7 @@ def test_pack_vision_equals_transformers_window_index_positions_and_segments():
   for ids, cu in ((packing.window_ids, cu_windows), (packing.frame_ids, get_vision_cu_seqlens(g))):
     np.testing.assert_array_equal(np.cumsum(np.bincount(ids[0, :n])[1:]), cu.numpy()[1:])
   np.testing.assert_array_equal(packing.merged, torch.argsort(window_index).numpy())
-  rows = data_vl.pack_vision(grids, merge=2, window=2, row_tokens=256)     # several rows, frames whole
+  rows = data_vl.pack_vision(grids, merge=2, window=2, seq_len=256)     # several rows, frames whole
   assert rows.source.shape == (2, 256) and sorted(rows.source[rows.source >= 0]) == list(range(n))
   x = np.arange(n, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)
   group_means = x.reshape(-1, 4, 3).mean(1)              # a stand-in merger: the mean of each m x m group
@@ -115,7 +115,7 @@ def test_pack_vision_equals_transformers_window_index_positions_and_segments():
 def test_vision_tower_blocks_and_merger_match_transformers_fp32(tiny):
   ref, cfg, params = tiny
   pv = patches(GRIDS)
-  packing = data_vl.pack_vision(GRIDS, merge=2, window=cfg.vision.window, row_tokens=256)   # 2 rows
+  packing = data_vl.pack_vision(GRIDS, merge=2, window=cfg.vision.window, seq_len=256)   # 2 rows
   vis = qwen_vl.VisionInputs.from_packing(packing, pv, len(GRIDS))
   out = qwen_vit.QwenVisionTransformer(cfg.vision).apply(
       {"params": params["visual"]}, vis.patches, vis.positions, vis.frame_ids, vis.window_ids,
@@ -188,10 +188,7 @@ def test_every_param_is_annotated_in_the_vocabulary():
   cfg = qwen_vl.QwenVLConfig.tiny()
   fam = registry.family("qwen_vl")
   boxed = jax.eval_shape(fam.module(cfg).init, jax.random.key(0), *fam.example_inputs(cfg))["params"]
-  for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
-    assert isinstance(leaf, nn.Partitioned), f"{jax.tree_util.keystr(path)} has no logical names"
-    assert len(leaf.names) == leaf.value.ndim
-    sharding.check_logical_names(leaf.names, jax.tree_util.keystr(path))
+  assert_every_param_annotated(boxed)
   assert "visual" in boxed and "language_model" in boxed
 
 

@@ -241,9 +241,9 @@ class Aimv2VisionModel(nn.Module):
       if cfg.use_head:
         raise ValueError("Aimv2VisionModel: the attention-pooling head pools fixed-resolution pixels; packed rows "
                          "need use_head=False")
-      if positions is None or frame_ids is None or (cfg.posemb_resize != "none" and frame_sizes is None):
-        raise ValueError("Aimv2VisionModel: packed patches need positions, frame_ids (and frame_sizes to resize "
-                         "the position table) from data/qwen_vl.pack_vision")
+      if positions is None or frame_ids is None or (cfg.posemb == "learned" and frame_sizes is None):
+        raise ValueError("Aimv2VisionModel: packed patches need positions, frame_ids (and frame_sizes for a "
+                         "learned position table) from data/qwen_vl.pack_vision")
       cubes = rearrange(patches.astype(dtype), "r t (c p q) -> r t p q c", c=cfg.channels, p=cfg.patch)
       pos = self._positions(positions[..., 0], positions[..., 1], frame_sizes)
       pos = jnp.where(frame_ids[..., None] > 0, pos, 0)

@@ -209,7 +209,7 @@ def check_placeholders(input_ids: np.ndarray, cfg: QwenVLConfig, image_tokens: i
 def prepare(input_ids: np.ndarray, cfg: QwenVLConfig, *, pixel_values: np.ndarray | None = None,
             image_grid_thw: Sequence[Sequence[int]] = (), pixel_values_videos: np.ndarray | None = None,
             video_grid_thw: Sequence[Sequence[int]] = (), second_per_grid_ts: Sequence[float] | None = None,
-            mask: np.ndarray | None = None, row_tokens: int | None = None) -> dict[str, Any]:
+            mask: np.ndarray | None = None, seq_len: int | None = None) -> dict[str, Any]:
   """transformers-style inputs (pixel_values [N P] and image_grid_thw [n 3], the same for videos) -> the
   keyword arguments of QwenVL (vision, positions), plus `deltas` [b] (decode offsets, as transformers')."""
   image_grid_thw, video_grid_thw = [tuple(g) for g in image_grid_thw], [tuple(g) for g in video_grid_thw]
@@ -221,7 +221,7 @@ def prepare(input_ids: np.ndarray, cfg: QwenVLConfig, *, pixel_values: np.ndarra
       if bool(g) != (patches is not None):
         raise ValueError(f"prepare: {name} and its grids go together ({len(g)} grids, {name} "
                          f"{'given' if patches is not None else 'missing'})")
-    packing = pack_vision(grids, merge=cfg.vision.merge, window=cfg.vision.window, row_tokens=row_tokens)
+    packing = pack_vision(grids, merge=cfg.vision.merge, window=cfg.vision.window, seq_len=seq_len)
     split = sum(packing.tokens_per_image[:len(image_grid_thw)])
     check_placeholders(input_ids, cfg, split, len(packing.merged) - split)
     patches = np.concatenate([np.asarray(p, np.float32) for p in (pixel_values, pixel_values_videos) if p is not None])

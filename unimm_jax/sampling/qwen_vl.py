@@ -48,7 +48,7 @@ class QwenVLChat:
   stop_tokens: tuple[int, ...] = ()
   # vision rows: None = one row for all images (the Pallas kernels skip what segments hide); "auto" = that on
   # GPU/TPU, on CPU rows as long as the largest frame (the XLA kernel computes every pair of a row)
-  row_tokens: int | str | None = "auto"
+  seq_len: int | str | None = "auto"
   answers_text: ClassVar[bool] = True               # scripts/chat.py: prompts without images are fine
   max_images_per_prompt: ClassVar[int | None] = None
 
@@ -78,8 +78,8 @@ class QwenVLChat:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
   def _rows(self, grids: Sequence[tuple[int, int, int]]) -> int | None:
-    if self.row_tokens != "auto":
-      return self.row_tokens
+    if self.seq_len != "auto":
+      return self.seq_len
     if jax.default_backend() != "cpu":
       return None
     return -(-max(h * w for _, h, w in grids) // 64) * 64
@@ -98,7 +98,7 @@ class QwenVLChat:
     flat = [x for p in processed for x in p]
     grids = [g for _, g in flat]
     kw = qwen_vl.prepare(ids, self.cfg, pixel_values=np.concatenate([p for p, _ in flat]) if flat else None,
-                         image_grid_thw=grids, mask=seg, row_tokens=self._rows(grids) if grids else None)
+                         image_grid_thw=grids, mask=seg, seq_len=self._rows(grids) if grids else None)
     embeds = self._embed(self.params, ids, kw.get("vision"))
     return {"embeds": embeds, "segment_ids": seg, "positions": kw["positions"], "ids": ids}
 
