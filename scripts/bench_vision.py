@@ -9,7 +9,17 @@
    layout; transformers itself is timed on it too); packed = NaViT rows of the same length holding
    several images (segment ids). Packing should win by about the padding fraction.
 
+3. Qwen2.5-VL vision tower (width 1280, 16 heads, MLP 3420, merger to 3584, 112px windows, the last block
+   full attention) at reduced depth: images/s of 448px images (1024 patches) vs transformers'
+   Qwen2_5_VisionTransformerPretrainedModel (SDPA, per-window chunks); then a batch of mixed sizes,
+   packed (rows as long as the largest image, several images a row) vs padded (one image a row).
+4. Image question: a Qwen2.5-VL with that tower and a Qwen2.5-0.5B-shaped decoder (head_dim 64, so M-RoPE
+   sections 8/12/12) at reduced depth,
+   one 448px image + a short question: prefill (vision + prompt) and prefill + 32 greedy tokens, ours
+   (jitted, KV cache) vs transformers' generate, tokens checked equal.
+
   python scripts/bench_vision.py             # so400m-shaped, depth 2 (minutes on 2 CPU cores)
+  python scripts/bench_vision.py --model qwen_vl --depth 4   # only sections 3-4
   python scripts/bench_vision.py --tiny      # seconds; used by the smoke test
 """
 
@@ -18,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import time
 import timeit
 
 import jax
@@ -28,8 +39,11 @@ import transformers
 
 from unimm_jax.convert.family import abstract_params
 from unimm_jax.convert import engine, hf
+from unimm_jax import registry
+from unimm_jax.data import qwen_vl as data_vl
 from unimm_jax.data import vision
-from unimm_jax.models import siglip
+from unimm_jax.models import qwen_vit, qwen_vl, siglip
+from unimm_jax.sampling import generate_from_embeddings
 
 SIZES = {
     "so400m": dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16),
@@ -89,12 +103,21 @@ def main():
   parser.add_argument("--mixed", type=int, default=8, help="images in the mixed-resolution batch")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--bf16", action="store_true", help="also time our forward with bf16 compute")
+  parser.add_argument("--model", choices=("all", "siglip", "qwen_vl"), default="all", help="which towers")
+  parser.add_argument("--llm_depth", type=int, default=4, help="decoder layers of the image-question model")
   args = parser.parse_args()
+  torch.set_num_threads(os.cpu_count() or 1)
+  if args.model in ("all", "siglip"):
+    siglip_sections(args)
+  if args.model in ("all", "qwen_vl"):
+    qwen_vl_sections(args)
+
+
+def siglip_sections(args):
   size = "tiny" if args.tiny else "so400m"
   image, patch, naflex_patch, max_patches = (32, 8, 8, 16) if args.tiny else (384, 14, 16, 576)
   if args.tiny:
     args.batch, args.mixed, args.repeats = 2, 5, 1
-  torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
 
   print(f"device {jax.devices()[0].platform} ({os.cpu_count()} cores); {size}-shaped, depth {args.depth}; "
@@ -162,6 +185,173 @@ def main():
         f"batch {1 - real / (len(items) * max_patches):.0%}, of the packed rows {1 - real / packed['segment_ids'].size:.0%}; "
         f"unimm-jax padded / transformers padded = "
         f"{mixed['transformers fp32 padded'] / mixed['unimm-jax fp32 padded']:.2f}x")
+
+
+QWEN_VIT = {"full": dict(hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584),
+            "tiny": dict(hidden_size=32, num_heads=4, intermediate_size=48, out_hidden_size=64)}
+QWEN_LLM = {"full": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                         num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                 "mrope_section": [8, 12, 12]}),  # head_dim 64
+            "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=112, num_attention_heads=4,
+                         num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                 "mrope_section": [2, 3, 3]})}
+
+
+def state_of(module: torch.nn.Module, rename=()) -> dict:
+  import re
+  out = {}
+  for k, v in module.state_dict().items():
+    for pattern, repl in rename:
+      k = re.sub(pattern, repl, k)
+    out[k] = lambda v=v: v.detach().numpy()
+  return out
+
+
+def padded_rows(grids, patches: np.ndarray, window: int, length: int) -> tuple:
+  """One image a row, each padded to `length` tokens (what a batch without packing costs)."""
+  rows, offset = [], 0
+  for g in grids:
+    n = int(np.prod(g))
+    p = data_vl.pack_vision([g], merge=2, window=window, seq_len=length)
+    rows.append((p.rows(patches[offset:offset + n]), p.positions, p.frame_ids, p.window_ids))
+    offset += n
+  return tuple(jnp.asarray(np.concatenate([r[i] for r in rows])) for i in range(4))
+
+
+def qwen_vl_sections(args):
+  size = "tiny" if args.tiny else "full"
+  depth, repeats = (2, 1) if args.tiny else (args.depth, args.repeats)
+  side, n_fixed, n_mixed, new_tokens = (56, 2, 4, 4) if args.tiny else (448, 2, 6, 32)
+  vis_cfg = transformers.Qwen2_5_VLVisionConfig(**QWEN_VIT[size], depth=depth, fullatt_block_indexes=[depth - 1],
+                                                window_size=112, patch_size=14, temporal_patch_size=2)
+  torch.manual_seed(0)
+  ref = transformers.Qwen2_5_VisionTransformerPretrainedModel(vis_cfg).eval()
+  fam = registry.family("qwen_vit")
+  cfg = qwen_vit.config_from_hf(vis_cfg.to_dict())
+  params = jax.tree.map(jnp.asarray, engine.unflatten(engine.convert(
+      state_of(ref), fam.rules(cfg), engine.flatten(abstract_params(fam, cfg)))))
+  module = qwen_vit.QwenVisionTransformer(cfg)
+  forward = jax.jit(lambda p, *a: module.apply({"params": p}, *a).pooler_output)
+  print(f"\nQwen2.5-VL vision tower, {size} width, depth {depth} (block {depth - 1} full attention); best of "
+        f"{repeats}")
+  print(f"| {'case':<24} | {'implementation':<28} | {'rows x len':>12} | {'ms/batch':>9} | {'images/s':>8} |")
+  print(f"|{'-' * 26}|{'-' * 30}|{'-' * 14}|{'-' * 11}|{'-' * 10}|")
+  rng = np.random.default_rng(0)
+
+  def run_case(name, grids, layouts):
+    pv = rng.normal(size=(sum(int(np.prod(g)) for g in grids), cfg.patch_dim)).astype(np.float32)
+    pv_t, grid_t = torch.from_numpy(pv), torch.tensor(grids)
+    fns = {"transformers fp32 (eager)": lambda: ref(pv_t, grid_thw=grid_t)}
+    shapes, outs = {"transformers fp32 (eager)": f"1x{len(pv)}"}, {}
+    for layout, rows in layouts(grids, pv).items():
+      outs[layout] = forward(params, *rows)                            # compile
+      fns[f"unimm-jax fp32 {layout}"] = lambda rows=rows: forward(params, *rows).block_until_ready()
+      shapes[f"unimm-jax fp32 {layout}"] = f"{rows[0].shape[0]}x{rows[0].shape[1]}"
+    with torch.no_grad():
+      want = fns["transformers fp32 (eager)"]().pooler_output.numpy()  # warm-up
+      times = race(fns, repeats)
+    for impl, t in times.items():
+      row(name, impl, shapes[impl], t, len(grids))
+    return times, want, outs, pv
+
+  grid = (1, side // 14, side // 14)
+
+  def fixed_layouts(grids, pv):
+    p = data_vl.pack_vision(grids, merge=2, window=cfg.window, seq_len=int(np.prod(grid)))
+    return {"(jit)": (jnp.asarray(p.rows(pv)), jnp.asarray(p.positions), jnp.asarray(p.frame_ids),
+                      jnp.asarray(p.window_ids)), "_packing": p}
+
+  def layouts_fixed(grids, pv):
+    out = fixed_layouts(grids, pv)
+    layouts_fixed.packing = out.pop("_packing")
+    return out
+
+  fixed, want, outs, _ = run_case(f"{n_fixed} img {side}px", [grid] * n_fixed, layouts_fixed)
+  diff = float(np.max(np.abs(layouts_fixed.packing.unpack(np.asarray(outs["(jit)"])) - want)))
+
+  sizes = []   # aspect ratios 1:3 .. 3:1, pixel budgets 1/8 .. 1 of side^2 (as the NaFlex case above)
+  for _ in range(n_mixed):
+    aspect, budget = float(np.exp(rng.uniform(-np.log(3), np.log(3)))), side * side * rng.uniform(0.125, 1.0)
+    h = int(np.sqrt(budget * aspect))
+    sizes.append(data_vl.smart_resize(h, int(budget / h), 28, 28 * 28 * 4, side * side))
+  mixed_grids = [(1, h // 14, w // 14) for h, w in sizes]
+  longest = -(-max(int(np.prod(g)) for g in mixed_grids) // 64) * 64
+
+  def mixed_layouts(grids, pv):
+    p = data_vl.pack_vision(grids, merge=2, window=cfg.window, seq_len=longest)
+    packed = (jnp.asarray(p.rows(pv)), jnp.asarray(p.positions), jnp.asarray(p.frame_ids), jnp.asarray(p.window_ids))
+    return {"padded": padded_rows(grids, pv, cfg.window, longest), "packed": packed}
+
+  mixed, _, _, pv = run_case(f"mixed {n_mixed} img", mixed_grids, mixed_layouts)
+  t_ref = fixed["transformers fp32 (eager)"]
+  print(f"Qwen2.5-VL tower: unimm-jax fp32 / transformers fp32 images/s = {t_ref / fixed['unimm-jax fp32 (jit)']:.2f}x "
+        f"(max |diff| of the merged tokens {diff:.1e})")
+  print(f"Qwen2.5-VL tower, mixed sizes: packed / padded images/s = "
+        f"{mixed['unimm-jax fp32 padded'] / mixed['unimm-jax fp32 packed']:.2f}x (padding of the padded rows "
+        f"{1 - len(pv) / (n_mixed * longest):.0%}); unimm-jax packed / transformers = "
+        f"{mixed['transformers fp32 (eager)'] / mixed['unimm-jax fp32 packed']:.2f}x")
+  image_question(args, size, vis_cfg, grid, new_tokens, repeats)
+
+
+def image_question(args, size, vis_cfg, grid, new_tokens, repeats):
+  """Prefill (vision + prompt) and 32 greedy tokens of one image question: ours vs transformers' generate."""
+  text_cfg = dict(QWEN_LLM[size], num_hidden_layers=2 if args.tiny else args.llm_depth)
+  vocab = text_cfg["vocab_size"]
+  tokens = dict(vision_start_token_id=vocab - 4, vision_end_token_id=vocab - 3, image_token_id=vocab - 2,
+                video_token_id=vocab - 1)
+  hf_cfg = transformers.Qwen2_5_VLConfig(vision_config={**vis_cfg.to_dict(),
+                                                        "out_hidden_size": text_cfg["hidden_size"]},
+                                         text_config=text_cfg, **tokens)
+  torch.manual_seed(0)
+  ref = transformers.Qwen2_5_VLForConditionalGeneration(hf_cfg).eval()
+  fam = registry.family("qwen_vl")
+  cfg = qwen_vl.config_from_hf(hf_cfg.to_dict())
+  params = jax.tree.map(jnp.asarray, engine.unflatten(engine.convert(
+      state_of(ref, fam.legacy_keys), fam.rules(cfg), engine.flatten(abstract_params(fam, cfg)),
+      ignore=fam.ignore(cfg))))
+  rng = np.random.default_rng(1)
+  n_image = int(np.prod(grid)) // 4
+  ids = np.asarray([[1, 2, 3, tokens["vision_start_token_id"]] + [tokens["image_token_id"]] * n_image
+                    + [tokens["vision_end_token_id"]] + list(rng.integers(10, min(1000, vocab - 4), 16))], np.int64)
+  pv = rng.normal(size=(int(np.prod(grid)), 1176)).astype(np.float32)
+  module, decoder = qwen_vl.QwenVL(cfg), qwen_vl.qwen.Qwen(cfg.text)
+  embed = jax.jit(lambda p, ids, vision: module.apply({"params": p}, ids, vision, method=qwen_vl.QwenVL.embed))
+  prefill_fn = jax.jit(lambda p, e, pos: decoder.apply({"params": p}, inputs_embeds=e, positions=pos).logits[:, -1])
+
+  def ours(decode: bool):
+    kw = qwen_vl.prepare(ids, cfg, pixel_values=pv, image_grid_thw=[grid])
+    embeds = embed(params, ids, kw["vision"])
+    if not decode:
+      return prefill_fn(params["language_model"], embeds, kw["positions"]).block_until_ready()
+    return generate_from_embeddings(decoder, params["language_model"], embeds, np.ones(ids.shape, np.int32),
+                                    positions=kw["positions"], max_new_tokens=new_tokens).tokens
+
+  inputs = dict(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pv), image_grid_thw=torch.tensor([grid]),
+                mm_token_type_ids=torch.from_numpy((ids == tokens["image_token_id"]).astype(np.int64)))
+  theirs = {False: lambda: ref(**inputs).logits[:, -1],
+            True: lambda: ref.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       do_sample=False)[:, ids.shape[1]:]}
+  print(f"\nImage question: Qwen2.5-VL, {size} widths, vision depth {vis_cfg.depth}, decoder depth "
+        f"{text_cfg['num_hidden_layers']} (vocab {vocab}); {ids.shape[1]} prompt tokens ({n_image} image); "
+        f"best of {repeats}")
+  print(f"| {'step':<30} | {'unimm-jax ms':>12} | {'transformers ms':>15} | {'ratio':>6} |")
+  print(f"|{'-' * 32}|{'-' * 14}|{'-' * 17}|{'-' * 8}|")
+  result = {}
+  with torch.no_grad():
+    for decode, name in ((False, "prefill (vision + prompt)"), (True, f"prefill + {new_tokens} greedy tokens")):
+      t0 = time.perf_counter()
+      mine = np.asarray(ours(decode))                                   # compile
+      compile_s = time.perf_counter() - t0
+      ref_out = theirs[decode]().numpy()                                # warm-up
+      times = race({"ours": lambda decode=decode: ours(decode), "ref": theirs[decode]}, repeats)
+      print(f"| {name:<30} | {times['ours'] * 1e3:>12.1f} | {times['ref'] * 1e3:>15.1f} | "
+            f"{times['ref'] / times['ours']:>5.2f}x |")
+      result[decode] = (mine, ref_out, compile_s)
+  logits_diff = float(np.max(np.abs(result[False][0] - result[False][1])))
+  same = np.array_equal(result[True][0], result[True][1])
+  print(f"image question: last-token logits max |diff| {logits_diff:.1e}; greedy tokens identical: {same}; "
+        f"our first-call compile {result[False][2]:.1f} s (prefill), {result[True][2]:.1f} s (generate)")
+
 
 if __name__ == "__main__":
   main()

@@ -1,9 +1,15 @@
 """Chat with a converted (or HF) LLM checkpoint using its tokenizer's chat template, or ask a checkpoint of a
-family with an image pipeline (TUNA) about an image.
+family with an image pipeline (Qwen2.5-VL, TUNA) about images.
 
   python scripts/chat.py --ckpt DIR --prompt "Why is the sky blue?" [--max_new_tokens 128]
       [--temperature 0.7 --top_p 0.9 --top_k 50] [--system "..."] [--seed 0]
   python scripts/chat.py --ckpt TUNA_DIR --image shapes.png --prompt "what colour is the circle?"
+  # several images in one prompt (at its <image> markers, else before the text), or one image per prompt
+  python scripts/chat.py --ckpt QWEN_VL_DIR --image a.png --image b.png --prompt "what differs between them?"
+  python scripts/chat.py --ckpt QWEN_VL_DIR --image a.png --image b.png --prompt "describe" --prompt "count"
+
+The images go to the prompts as: one --prompt takes every --image; otherwise one --image per --prompt, in
+order. Families whose pipeline answers text alone (Qwen2.5-VL) also chat without --image.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ flags.DEFINE_integer("top_k", 0, "0 = off")
 flags.DEFINE_float("top_p", 1.0, "1 = off")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (LLM checkpoints)")
-flags.DEFINE_string("image", None, "an image to ask about (checkpoints of a family with an image pipeline)")
+flags.DEFINE_multi_string("image", None, "an image to ask about (repeat the flag for several; checkpoints of a "
+                          "family with an image pipeline)")
 
 
 def encode(tokenizer, prompt: str, system: str | None) -> list[int]:
@@ -37,13 +44,35 @@ def encode(tokenizer, prompt: str, system: str | None) -> list[int]:
   return tokenizer(prompt)["input_ids"]
 
 
-def ask_about_image() -> None:
+def images_per_prompt(paths: list[str], prompts: list[str]) -> list[list[str]]:
+  if not paths:
+    return [[] for _ in prompts]
+  if len(prompts) == 1:
+    return [paths]
+  if len(paths) == len(prompts):
+    return [[p] for p in paths]
+  raise ValueError(f"{len(paths)} --image for {len(prompts)} --prompt: give one --prompt (it takes every image) "
+                   "or one --image per --prompt")
+
+
+def ask_pipeline() -> None:
+  """The family's pipeline answers the prompts, each with its images."""
+  per_prompt = images_per_prompt(FLAGS.image or [], FLAGS.prompt)
   model = unimm_jax.load_pipeline(FLAGS.ckpt)
-  img = model.read_image(FLAGS.image)
+  most = max(len(p) for p in per_prompt)
+  allowed = getattr(model, "max_images_per_prompt", 1)
+  if not most and not getattr(model, "answers_text", False):
+    raise ValueError(f"{FLAGS.ckpt}: this checkpoint's pipeline answers questions about an image: pass --image")
+  if allowed is not None and most > allowed:
+    raise ValueError(f"{FLAGS.ckpt}: this checkpoint's pipeline takes {allowed} image(s) per prompt, got {most}")
+  images = [[model.read_image(p) for p in paths] for paths in per_prompt]
+  if all(len(i) == 1 for i in images):  # one image per question: what every pipeline takes
+    images = [i[0] for i in images]
   bar = tqdm(total=FLAGS.max_new_tokens, desc="decode", unit="tok", file=sys.stderr)
-  answers = model.answer([img] * len(FLAGS.prompt), FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+  extra = {"system": FLAGS.system} if FLAGS.system else {}
+  answers = model.answer(images, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
                          sampler=SamplerConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p), seed=FLAGS.seed,
-                         on_step=lambda step: bar.update(1))
+                         on_step=lambda step: bar.update(1), **extra)
   bar.close()
   for prompt, answer in zip(FLAGS.prompt, answers):
     print(f"> {prompt}\n{answer}\n")
@@ -51,12 +80,12 @@ def ask_about_image() -> None:
 
 def main(argv):
   del argv
-  if FLAGS.image:
-    try:
-      return ask_about_image()
-    except (ValueError, OSError, unimm_jax.ConversionError) as e:
-      print(f"chat: error: {e}", file=sys.stderr)
-      sys.exit(2)
+  try:
+    if FLAGS.image or unimm_jax.family_of(FLAGS.ckpt).pipeline is not None:
+      return ask_pipeline()
+  except (ValueError, OSError, unimm_jax.ConversionError) as e:
+    print(f"chat: error: {e}", file=sys.stderr)
+    sys.exit(2)
   model = unimm_jax.load(FLAGS.ckpt, dtype=FLAGS.dtype)
   tok = model.tokenizer
   if tok is None:

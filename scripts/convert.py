@@ -2,6 +2,8 @@
 
   python scripts/convert.py --src HF_DIR --dst OUT_DIR [--param_dtype bfloat16] [--overwrite]
   python scripts/convert.py --export --src OUT_DIR --dst HF_DIR
+  # a part of a bigger checkpoint, by family name: the text decoder alone of a Qwen2.5-VL directory
+  python scripts/convert.py --src QWEN2_5_VL_DIR --dst OUT_DIR --family qwen
   # an original Wan VAE release file (no config.json): the architecture comes from a preset
   python scripts/convert.py --wan_vae wan2.1 --src Wan2.1_VAE.pth --dst OUT_DIR     # or wan2.2 + Wan2.2_VAE.pth
   # TUNA: a tuna-2 reference checkpoint (model.safetensors / .pt with its parameter names)
@@ -34,6 +36,8 @@ flags.DEFINE_string("dst", None, "destination directory (written atomically)", r
 flags.DEFINE_bool("export", False, "export a converted checkpoint back to HF safetensors + config.json")
 flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"], "stored dtype (default: the source's)")
 flags.DEFINE_bool("overwrite", False, "replace an existing destination")
+flags.DEFINE_string("family", None, "read --src with this model family (unimm_jax.registry) instead of the one of its "
+                    "model_type, e.g. qwen for a Qwen2.5-VL directory's text decoder")
 
 REFERENCES = [fam.reference for fam in registry.families() if fam.reference is not None]
 PARTS: dict[str, str] = {}
@@ -62,7 +66,8 @@ def main(argv):
     elif FLAGS.export:
       report = hf.export_to_hf(FLAGS.src, FLAGS.dst, overwrite=FLAGS.overwrite)
     else:
-      report = hf.convert_to_orbax(FLAGS.src, FLAGS.dst, param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite)
+      report = hf.convert_to_orbax(FLAGS.src, FLAGS.dst, param_dtype=FLAGS.param_dtype, overwrite=FLAGS.overwrite,
+                                   family=FLAGS.family)
   except (ConversionError, KeyError) as e:
     print(f"convert: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -25,8 +25,7 @@ def convert_state_dict(ref, cfg: qwen.QwenConfig, prefixes=None) -> dict:
     state = {next((new + k[len(old):] for old, new in prefixes.items() if k.startswith(old)), k): v
              for k, v in state.items()}
   abstract = engine.flatten(abstract_params(registry.family("qwen"), cfg))
-  ignore = qwen_map.IGNORE_TIED if cfg.tie_embeddings else qwen_map.IGNORE
-  return engine.unflatten(engine.convert(state, qwen_map.RULES, abstract, ignore=ignore))
+  return engine.unflatten(engine.convert(state, qwen_map.RULES, abstract, ignore=qwen_map.ignore(cfg)))
 
 
 def ours_and_ref(ref, ids, **kw):
@@ -58,6 +57,17 @@ def test_qwen3_qk_norm_logits_match_transformers_fp32(tied):
   cfg, _, out, r = ours_and_ref(ref, IDS)
   assert cfg.qk_norm and not cfg.qkv_bias and cfg.head_dim == 24
   np.testing.assert_allclose(out.logits, r.logits.numpy(), atol=1e-4, rtol=0)
+
+
+def test_qwen3_attention_bias_biases_q_k_v_and_o_like_transformers_fp32():
+  ref = hf_tiny.qwen3(attention_bias=True)
+  assert ref.model.layers[0].self_attn.o_proj.bias is not None
+  cfg, params, out, r = ours_and_ref(ref, IDS)
+  assert cfg.qkv_bias and cfg.o_bias and cfg.qk_norm
+  assert params["layers_0"]["self_attn"]["o_proj"]["bias"].shape == (64,)
+  np.testing.assert_allclose(out.logits, r.logits.numpy(), atol=1e-4, rtol=0)
+  for ours_h, ref_h in zip(out.hidden_states, r.hidden_states):
+    np.testing.assert_allclose(ours_h, ref_h.numpy(), atol=1e-4, rtol=0)
 
 
 def test_qwen2_5_vl_text_mrope_positions_match_transformers_fp32():

@@ -308,7 +308,7 @@ def test_config_from_hf_reads_every_layout_and_rejects_bad_ones():
 
 def test_bench_vision_script_runs_on_tiny_settings():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  r = subprocess.run([sys.executable, "scripts/bench_vision.py", "--tiny"], cwd=root, capture_output=True, text=True,
-                     timeout=300)
+  r = subprocess.run([sys.executable, "scripts/bench_vision.py", "--tiny", "--model", "siglip"], cwd=root,
+                     capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   assert "unimm-jax fp32 / transformers fp32" in r.stdout and "packed / padded" in r.stdout

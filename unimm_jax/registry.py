@@ -16,8 +16,11 @@ from typing import Any
 
 FAMILIES: dict[str, str] = {
     "qwen": "unimm_jax.convert.maps.qwen:FAMILY",
+    "qwen_vl": "unimm_jax.convert.maps.qwen_vl:FAMILY",
+    "qwen_vit": "unimm_jax.convert.maps.qwen_vl:FAMILY_VIT",
     "siglip": "unimm_jax.convert.maps.siglip:FAMILY_SIGLIP",
     "siglip2": "unimm_jax.convert.maps.siglip:FAMILY_SIGLIP2",
+    "aimv2": "unimm_jax.convert.maps.aimv2:FAMILY",
     "vae_kl": "unimm_jax.convert.maps.vae_kl:FAMILY",
     "vae_wan": "unimm_jax.convert.maps.vae_wan:FAMILY",
     "tuna": "unimm_jax.convert.maps.tuna:FAMILY",

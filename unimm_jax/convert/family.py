@@ -35,12 +35,16 @@ class Family:
   """One model family.
 
   hf_model_types: `model_type` (transformers) / `_class_name` (diffusers) values of the config.json it reads.
+  part_of: model_types of bigger checkpoints holding this family's model, read only when the family is asked
+    for by name (`unimm_jax.load(dir, family=...)`, `scripts/convert.py --family`): Qwen2.5-VL's text decoder.
   config_from_hf: HF config dict -> our config; None when the family has no HF form (it has a `reference`).
   module / example_inputs: the linen module of a config and inputs that build all of its params.
   rules / ignore: the key map of a config (convert/engine.py), IGNORE patterns written down.
   key_prefixes: source prefix -> the rules' prefix, per HF model_type of the file.
   hf_config: our config -> config.json for export; None: no HF form (export is refused).
   pipeline: "module:function" loading a converted directory for scripts/sample.py, edit.py, chat.py --image.
+  stack_layers: loop -> scan layout of loaded params for a config with scan_layers (default: the top-level
+    `layers_{i}`; models with several towers stack each).
   """
 
   name: str
@@ -50,6 +54,7 @@ class Family:
   rules: Callable[[Any], tuple]
   ignore: Callable[[Any], tuple] = lambda cfg: ()
   hf_model_types: tuple[str, ...] = ()
+  part_of: tuple[str, ...] = ()
   config_from_hf: Callable[[Mapping[str, Any]], Any] | None = None
   key_prefixes: Callable[[str], dict[str, str]] = lambda model_type: {}
   hf_config: Callable[[Any], dict[str, Any]] | None = None
@@ -58,6 +63,7 @@ class Family:
   legacy_keys: tuple[tuple[str, str], ...] = ()   # (regex, replacement) renames of older releases, import only
   reference: Reference | None = None
   pipeline: str | None = None
+  stack_layers: Callable[[Any, Any], Any] | None = None
 
   def check_exportable(self, where: str) -> None:
     if self.hf_config is None:

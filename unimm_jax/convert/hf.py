@@ -28,6 +28,7 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
     "spiece.model",  # sentencepiece tokenizers (T5)
+    "preprocessor_config.json", "processor_config.json",   # image processors of vision-language models
 )
 
 
@@ -43,6 +44,18 @@ def family_for_model_type(model_type: str | None, where: str) -> Family:
       return fam
   supported = sorted(t for f in families for t in f.hf_model_types)
   raise ConversionError(f"{where}: unsupported model_type {model_type!r}; supported: {supported}")
+
+
+def family_named(name: str, model_type: str | None, where: str) -> Family:
+  """The family `name`, asked for explicitly, if it reads `model_type` (whole or as a part); else an error."""
+  try:
+    fam = registry.family(name)
+  except ValueError as e:
+    raise ConversionError(f"{where}: {e}") from None
+  if model_type not in fam.hf_model_types + fam.part_of:
+    raise ConversionError(f"{where}: family {name!r} does not read model_type {model_type!r} "
+                          f"(it reads {list(fam.hf_model_types + fam.part_of)})")
+  return fam
 
 
 def family_of(path: str) -> Family:
@@ -84,13 +97,17 @@ def _renamed(source: Mapping[str, Any], prefixes: Mapping[str, str],
   return out
 
 
-def convert_hf(src: str, *, param_dtype: str | None = None, place=None, **config_overrides) -> tuple[Family, Any, dict]:
+def convert_hf(src: str, *, param_dtype: str | None = None, place=None, family: str | None = None,
+               **config_overrides) -> tuple[Family, Any, dict]:
   """HF model directory -> (family, our config, nested params in loop layout), in memory.
 
-  Params are numpy arrays, or whatever `place` (e.g. jax.device_put) makes of each one.
+  Params are numpy arrays, or whatever `place` (e.g. jax.device_put) makes of each one. `family` picks a
+  family by name instead of by model_type (one that reads a part of the checkpoint: Family.part_of).
   """
   hf_cfg = read_hf_config(src)
-  fam = family_for_model_type(model_type_of(hf_cfg), os.path.join(src, "config.json"))
+  where = os.path.join(src, "config.json")
+  fam = (family_for_model_type(model_type_of(hf_cfg), where) if family is None
+         else family_named(family, model_type_of(hf_cfg), where))
   cfg = fam.config_from_hf(hf_cfg)
   cfg = dataclasses.replace(cfg, param_dtype=param_dtype or _source_dtype(hf_cfg), **config_overrides)
   if getattr(cfg, "scan_layers", False):
@@ -127,16 +144,20 @@ def export_key_list(fam: Family, cfg: Any, model_type: str) -> dict[str, tuple[i
   return file_names(fam, model_type, engine.export_shapes(abstract, fam.rules(cfg)))
 
 
-def convert_to_orbax(src: str, dst: str, *, param_dtype: str | None = None, overwrite: bool = False) -> dict:
+def convert_to_orbax(src: str, dst: str, *, param_dtype: str | None = None, overwrite: bool = False,
+                     family: str | None = None) -> dict:
   """HF directory -> converted directory (Orbax params + unimm_config.json + tokenizer files)."""
   checkpoint.clean_partial(dst)  # first: a destination an interrupted run had moved aside comes back
   if os.path.exists(dst) and not overwrite:
     raise ConversionError(f"{dst}: destination exists (use --overwrite)")
   t0 = time.perf_counter()
   # Device arrays: Orbax writes them without another host copy (peak RSS ~ 1x the checkpoint).
-  fam, cfg, params = convert_hf(src, param_dtype=param_dtype, place=jax.device_put)
+  fam, cfg, params = convert_hf(src, param_dtype=param_dtype, place=jax.device_put, family=family)
   t1 = time.perf_counter()
-  meta = {"family": fam.name, "config": cfg.to_dict(), "hf_config": read_hf_config(src),
+  hf_cfg = read_hf_config(src)
+  # A part of a bigger checkpoint is not described by its config.json: export rebuilds one or refuses.
+  whole = model_type_of(hf_cfg) in fam.hf_model_types
+  meta = {"family": fam.name, "config": cfg.to_dict(), "hf_config": hf_cfg if whole else None,
           "source": os.path.abspath(src)}
   extra = {n: os.path.join(src, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))}
   checkpoint.save(dst, params, meta, extra_files=extra, overwrite=overwrite)

@@ -2,7 +2,7 @@
 
 from unimm_jax.layers.attention import Attention, JointAttention
 from unimm_jax.layers.block import PreLNBlock
-from unimm_jax.layers.embed import Embed
+from unimm_jax.layers.embed import Embed, scatter_placeholders
 from unimm_jax.layers.linear import DenseGeneral
 from unimm_jax.layers.linear_attention import LinearAttention, relu_linear_attention
 from unimm_jax.layers.mlp import MLP, GatedMLP, GLUMBConv, activation
@@ -13,7 +13,7 @@ from unimm_jax.layers.rope import apply_rope, inv_frequencies, rope_angles, rope
 
 __all__ = [
     "Attention", "JointAttention", "DenseGeneral", "Embed", "GatedMLP", "LayerNorm", "MLP", "PreLNBlock", "RMSNorm",
-    "activation",
+    "activation", "scatter_placeholders",
     "apply_rope", "inv_frequencies", "rope_angles", "rope_angles_mrope",
     "CausalConv3D", "Conv", "GroupNorm", "L2Norm", "GLUMBConv", "LinearAttention", "relu_linear_attention",
 ]

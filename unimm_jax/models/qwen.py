@@ -38,6 +38,7 @@ class QwenConfig(DictConfig):
   model_type: str = "qwen2"
   qkv_bias: bool = True        # Qwen2/2.5 have q/k/v biases ...
   qk_norm: bool = False        # ... Qwen3 drops them and RMS-normalises q and k per head.
+  o_bias: bool = False         # Qwen3 with attention_bias=True biases o_proj too (with q/k/v)
   tie_embeddings: bool = False
   rope_theta: float = 1e6
   mrope_sections: tuple[int, ...] | None = None  # Qwen2.5-VL (16, 24, 24): positions become [b t 3]
@@ -84,6 +85,7 @@ class QwenConfig(DictConfig):
   def num_params(self) -> int:
     attn = self.embed * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
     bias = self.head_dim * (self.heads + 2 * self.kv_heads) if self.qkv_bias else 0
+    bias += self.embed if self.o_bias else 0
     norms = 2 * self.embed + (2 * self.head_dim if self.qk_norm else 0)
     layer = attn + bias + 3 * self.embed * self.mlp + norms
     head = 0 if self.tie_embeddings else self.vocab * self.embed
@@ -115,7 +117,8 @@ def config_from_hf(hf: Mapping[str, Any] | Any) -> QwenConfig:
       depth=d["num_hidden_layers"], heads=heads, kv_heads=d.get("num_key_value_heads") or heads,
       head_dim=d.get("head_dim") or d["hidden_size"] // heads, model_type=model_type,
       qkv_bias=model_type != "qwen3" or bool(d.get("attention_bias", False)),
-      qk_norm=model_type == "qwen3", tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+      qk_norm=model_type == "qwen3", o_bias=model_type == "qwen3" and bool(d.get("attention_bias", False)),
+      tie_embeddings=bool(d.get("tie_word_embeddings", False)),
       rope_theta=float(theta), mrope_sections=tuple(mrope) if mrope else None,
       norm_eps=float(d.get("rms_norm_eps", 1e-6)), act=d.get("hidden_act", "silu"))
 
@@ -140,8 +143,8 @@ class DecoderLayer(nn.Module):
     rope_fn = None if angles is None else functools.partial(apply_rope, angles=angles)
     h = RMSNorm(cfg.embed, cfg.norm_eps, name="input_layernorm", **kw)(x)
     h, cache = Attention(
-        cfg.embed, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
-        norm_eps=cfg.norm_eps, impl=cfg.attention_impl, name="self_attn", **kw)(
+        cfg.embed, cfg.heads, cfg.kv_heads, cfg.head_dim, qkv_bias=cfg.qkv_bias, o_bias=cfg.o_bias,
+        qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, impl=cfg.attention_impl, name="self_attn", **kw)(
             h, rope_fn=rope_fn, segment_ids=segment_ids, span_ids=span_ids, causal=True, cache=cache,
             cache_index=cache_index, kv_segment_ids=kv_segment_ids)
     x = x + h

@@ -142,6 +142,7 @@ def interpolation_weights(index: jax.Array, out_size: jax.Array, in_size: int, m
   "bicubic": torch upsample_bicubic2d (Keys a = -0.75, border samples repeated, no antialias).
   "bilinear_antialias": torch's antialiased bilinear (triangle filter widened by the downscale
   factor, weights renormalised over the input), which is plain bilinear when upsampling.
+  "linear": torch's plain (bi)linear, no antialias (sample positions below 0 clamp to 0).
   """
   i = jnp.asarray(index, jnp.float32)[..., None]
   scale = in_size / jnp.asarray(out_size, jnp.float32)[..., None]
@@ -151,6 +152,11 @@ def interpolation_weights(index: jax.Array, out_size: jax.Array, in_size: int, m
     stretch = jnp.maximum(scale, 1.0)
     w = jnp.maximum(0.0, 1.0 - jnp.abs(j + 0.5 - center) / stretch)
     return w / jnp.sum(w, axis=-1, keepdims=True)
+  if method == "linear":
+    src = jnp.maximum(scale * (i + 0.5) - 0.5, 0.0)
+    base = jnp.floor(src)
+    t = src - base
+    return (1 - t) * (base == j) + t * (jnp.minimum(base + 1, in_size - 1) == j)
   if method == "bicubic":
     src = scale * (i + 0.5) - 0.5
     base = jnp.floor(src)
@@ -158,7 +164,7 @@ def interpolation_weights(index: jax.Array, out_size: jax.Array, in_size: int, m
     a = -0.75
     taps = (_cubic_far(t + 1, a), _cubic_near(t, a), _cubic_near(1 - t, a), _cubic_far(2 - t, a))
     return sum(c * (jnp.clip(base - 1 + m, 0, in_size - 1) == j) for m, c in enumerate(taps))
-  raise ValueError(f"interpolation_weights: unknown method {method!r}; choose from {POSEMB_RESIZE}")
+  raise ValueError(f"interpolation_weights: unknown method {method!r}; choose from {(*POSEMB_RESIZE, 'linear')}")
 
 
 def resize_position_embeddings(table: jax.Array, size: tuple[int, int], method: str) -> jax.Array:

@@ -72,19 +72,23 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 8) -
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "sampler", "on_step"))
-def _generate(module, params, ids, embeds, span_ids, seg, rng, stop_tokens, pad_id, *, max_new_tokens, sampler,
-              on_step):
+def _generate(module, params, ids, embeds, span_ids, seg, positions, rng, stop_tokens, pad_id, *, max_new_tokens,
+              sampler, on_step):
   cfg: qwen.QwenConfig = module.cfg
   b, p = seg.shape
   s = p + max_new_tokens
-  positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+  if positions is None:
+    positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+  # decoding continues after the prompt's largest position (M-RoPE: of any of its components)
+  next_pos = jnp.max(jnp.where((seg > 0).reshape(b, p, *(1,) * (positions.ndim - 2)), positions, 0),
+                     axis=tuple(range(1, positions.ndim))) + 1
   cache = qwen.init_cache(cfg, b, s)
   out = module.apply({"params": params}, ids, inputs_embeds=embeds, positions=positions, segment_ids=seg,
                      span_ids=span_ids, cache=cache, cache_index=0)
   kv_valid = jnp.concatenate([seg, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
   state = dict(step=jnp.int32(0), tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32), cache=out.cache,
                logits=out.logits[:, -1], rng=rng, done=jnp.zeros((b,), bool), kv_valid=kv_valid,
-               next_pos=positions[:, -1] + 1, lengths=jnp.zeros((b,), jnp.int32))
+               next_pos=next_pos, lengths=jnp.zeros((b,), jnp.int32))
 
   def cond(st):
     return (st["step"] < max_new_tokens) & ~jnp.all(st["done"])
@@ -127,8 +131,8 @@ def generate(
   `on_step(step)` is called from the device loop once per decoded token (progress bars).
   """
   ids, seg = left_pad(prompts, pad_id)
-  return _run(module, params, jnp.asarray(ids), None, None, seg, max_new_tokens, sampler, stop_tokens, pad_id, seed,
-              on_step)
+  return _run(module, params, jnp.asarray(ids), None, None, seg, None, max_new_tokens, sampler, stop_tokens, pad_id,
+              seed, on_step)
 
 
 def generate_from_embeddings(
@@ -138,6 +142,7 @@ def generate_from_embeddings(
     segment_ids: np.ndarray,
     *,
     span_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
     max_new_tokens: int,
     sampler: SamplerConfig = SamplerConfig(),
     stop_tokens: Sequence[int] = (),
@@ -146,20 +151,28 @@ def generate_from_embeddings(
     on_step: Callable[[Any], None] | None = None,
 ) -> Generation:
   """Like `generate`, from left-padded prompt embeddings [b p d] (multimodal prompts: images spliced in)
-  with segment_ids [b p] (1 = prompt, 0 = left padding) and optional bidirectional span_ids [b p]."""
+  with segment_ids [b p] (1 = prompt, 0 = left padding), optional bidirectional span_ids [b p] and positions
+  ([b p], or [b p 3] for M-RoPE; default 0.. over each prompt). New tokens take the positions after the prompt's
+  largest one (all three M-RoPE components alike)."""
   seg = np.asarray(segment_ids)
   if seg.ndim != 2 or embeds.shape[:2] != seg.shape:
     raise ValueError(f"generate_from_embeddings: embeds {embeds.shape} and segment_ids {seg.shape} must be [b p (d)]")
   if np.any(np.diff((seg > 0).astype(np.int8), axis=1) < 0):
     raise ValueError("generate_from_embeddings: prompts must be left-padded (segment id 0 only before the prompt)")
-  return _run(module, params, None, embeds, span_ids, seg, max_new_tokens, sampler, stop_tokens, pad_id, seed, on_step)
+  if positions is not None and tuple(positions.shape[:2]) != seg.shape:
+    raise ValueError(f"generate_from_embeddings: positions {positions.shape} must be [b p] or [b p 3] for "
+                     f"segment_ids {seg.shape}")
+  return _run(module, params, None, embeds, span_ids, seg, positions, max_new_tokens, sampler, stop_tokens, pad_id,
+              seed, on_step)
 
 
-def _run(module, params, ids, embeds, span_ids, seg, max_new_tokens, sampler, stop_tokens, pad_id, seed, on_step):
+def _run(module, params, ids, embeds, span_ids, seg, positions, max_new_tokens, sampler, stop_tokens, pad_id, seed,
+         on_step):
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
   stop = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
   tokens, lengths = _generate(
-      module, params, ids, embeds, span_ids, jnp.asarray(seg, jnp.int32), jax.random.key(seed), stop,
+      module, params, ids, embeds, span_ids, jnp.asarray(seg, jnp.int32),
+      None if positions is None else jnp.asarray(positions, jnp.int32), jax.random.key(seed), stop,
       jnp.int32(pad_id), max_new_tokens=max_new_tokens, sampler=sampler, on_step=on_step)
   return Generation(np.asarray(tokens), np.asarray(lengths))

@@ -1,4 +1,5 @@
-"""HF Qwen2 / Qwen2.5 / Qwen3 / Qwen2.5-VL text -> unimm_jax.models.qwen (loop layout)."""
+"""HF Qwen2 / Qwen2.5 / Qwen3 -> unimm_jax.models.qwen (loop layout); also the text decoder of a Qwen2.5-VL
+checkpoint, when asked for by name (`unimm_jax.load(dir, family="qwen")`; the whole model is maps/qwen_vl.py)."""
 
 from typing import Any
 
@@ -15,6 +16,7 @@ RULES = (
     (_L + r"self_attn\.([qkv])_proj\.weight", r"layers_\1/self_attn/\2_proj/kernel", T.to_heads),
     (_L + r"self_attn\.([qkv])_proj\.bias", r"layers_\1/self_attn/\2_proj/bias", T.to_heads),
     (_L + r"self_attn\.o_proj\.weight", r"layers_\1/self_attn/o_proj/kernel", T.from_heads),
+    (_L + r"self_attn\.o_proj\.bias", r"layers_\1/self_attn/o_proj/bias", T.identity),  # Qwen3 attention_bias
     (_L + r"self_attn\.([qk])_norm\.weight", r"layers_\1/self_attn/\2_norm/scale", T.identity),
     (_L + r"mlp\.(gate|up|down)_proj\.weight", r"layers_\1/mlp/\2_proj/kernel", T.transpose),
     (_L + r"(input_layernorm|post_attention_layernorm)\.weight", r"layers_\1/\2/scale", T.identity),
@@ -25,6 +27,13 @@ RULES = (
 IGNORE = (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", r"model\.rotary_emb\.inv_freq")
 # With tied embeddings HF state dicts repeat the table as lm_head.weight; the model has no lm_head.
 IGNORE_TIED = IGNORE + (r"lm_head\.weight",)
+# The vision tower of a Qwen2.5-VL checkpoint read for its text decoder only (5.x and legacy names).
+IGNORE_VISION = (r"model\.visual\..*", r"visual\..*")
+
+
+def ignore(cfg: qwen.QwenConfig) -> tuple[str, ...]:
+  return ((IGNORE_TIED if cfg.tie_embeddings else IGNORE)
+          + (IGNORE_VISION if cfg.model_type == "qwen2_5_vl_text" else ()))
 
 
 def hf_prefix_for(model_type_in_file: str) -> dict[str, str]:
@@ -41,7 +50,8 @@ def hf_prefix_for(model_type_in_file: str) -> dict[str, str]:
 def hf_config(cfg: qwen.QwenConfig) -> dict[str, Any]:
   """QwenConfig -> config.json of Qwen2ForCausalLM / Qwen3ForCausalLM."""
   if cfg.model_type == "qwen2_5_vl_text":
-    raise ConversionError("export of a Qwen2.5-VL text decoder needs the source config.json (convert from HF)")
+    raise ConversionError("a Qwen2.5-VL text decoder alone has no Hugging Face form; export the whole model "
+                          "(convert the directory with family qwen_vl, the default)")
   arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.model_type]
   return {
       "architectures": [arch], "model_type": cfg.model_type, "vocab_size": cfg.vocab, "hidden_size": cfg.embed,
@@ -53,7 +63,7 @@ def hf_config(cfg: qwen.QwenConfig) -> dict[str, Any]:
 
 
 FAMILY = Family(
-    name="qwen", hf_model_types=("qwen2", "qwen3", "qwen2_5_vl", "qwen2_5_vl_text"), config_cls=qwen.QwenConfig,
-    config_from_hf=qwen.config_from_hf, module=qwen.Qwen, example_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),),
-    rules=lambda cfg: RULES, ignore=lambda cfg: IGNORE_TIED if cfg.tie_embeddings else IGNORE,
+    name="qwen", hf_model_types=("qwen2", "qwen3", "qwen2_5_vl_text"), part_of=("qwen2_5_vl",),
+    config_cls=qwen.QwenConfig, config_from_hf=qwen.config_from_hf, module=qwen.Qwen,
+    example_inputs=lambda cfg: (jnp.zeros((1, 1), jnp.int32),), rules=lambda cfg: RULES, ignore=ignore,
     key_prefixes=hf_prefix_for, hf_config=hf_config)
