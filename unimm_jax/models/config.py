@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from unimm_jax.layers.stack import check_remat
+
 
 class DictConfig:
   """Mixin for `@dataclasses.dataclass(frozen=True)` configs: `to_dict` and the strict `from_dict`."""
@@ -24,3 +26,29 @@ class DictConfig:
     if unknown:
       raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class EncoderConfig(DictConfig):
+  """Mixin for vision-encoder configs with `embed`, `heads`, `depth`, `feature_layer` and `remat` fields: the head
+  size, the layers a feature layer keeps, and the checks they share (call `check_encoder` in __post_init__)."""
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed // self.heads
+
+  @property
+  def num_layers(self) -> int:
+    """Layers built and run: hidden_states[feature_layer] (HF indexing: 0 = the embeddings, -1 = the last layer's
+    output) is the output of this many layers; later layers are not built."""
+    if self.feature_layer is None:
+      return self.depth
+    return self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
+
+  def check_encoder(self) -> None:
+    name = type(self).__name__
+    if self.embed % self.heads:
+      raise ValueError(f"{name}: embed {self.embed} is not a multiple of heads {self.heads}")
+    check_remat(self.remat, name)
+    if not 1 <= self.num_layers <= self.depth:
+      raise ValueError(f"{name}: feature_layer {self.feature_layer} selects {self.num_layers} of "
+                       f"{self.depth} layers; it must select at least one")
