@@ -21,6 +21,8 @@ FAMILIES: dict[str, str] = {
     "vae_kl": "unimm_jax.convert.maps.vae_kl:FAMILY",
     "vae_wan": "unimm_jax.convert.maps.vae_wan:FAMILY",
     "tuna": "unimm_jax.convert.maps.tuna:FAMILY",
+    "internvl": "unimm_jax.convert.maps.internvl:FAMILY",
+    "internvl_chat": "unimm_jax.convert.maps.internvl:FAMILY_ORIGINAL",
 }
 
 # config.task -> builder(config) -> training.task.Task
