@@ -1,9 +1,12 @@
 """Chat with a converted (or HF) LLM checkpoint using its tokenizer's chat template, or ask a checkpoint of a
-family with an image pipeline (TUNA) about an image.
+family with an image pipeline (InternVL3, TUNA; `Family.pipeline`) about images.
 
   python scripts/chat.py --ckpt DIR --prompt "Why is the sky blue?" [--max_new_tokens 128]
       [--temperature 0.7 --top_p 0.9 --top_k 50] [--system "..."] [--seed 0]
   python scripts/chat.py --ckpt TUNA_DIR --image shapes.png --prompt "what colour is the circle?"
+  # several images in one question (InternVL3): each prompt gets every --image, in order, where its <image>
+  # markers stand (none: the images come first, one per line)
+  python scripts/chat.py --ckpt InternVL3-1B --image a.png --image b.png --prompt "<image> vs <image>: what changed?"
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ flags.DEFINE_integer("top_k", 0, "0 = off")
 flags.DEFINE_float("top_p", 1.0, "1 = off")
 flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (LLM checkpoints)")
-flags.DEFINE_string("image", None, "an image to ask about (checkpoints of a family with an image pipeline)")
+flags.DEFINE_multi_string("image", None, "an image to ask about (checkpoints of a family with an image pipeline); "
+                          "repeat the flag for several images in each prompt")
 
 
 def encode(tokenizer, prompt: str, system: str | None) -> list[int]:
@@ -37,11 +41,20 @@ def encode(tokenizer, prompt: str, system: str | None) -> list[int]:
   return tokenizer(prompt)["input_ids"]
 
 
-def ask_about_image() -> None:
+def ask_about_images() -> None:
   model = unimm_jax.load_pipeline(FLAGS.ckpt)
-  img = model.read_image(FLAGS.image)
+  limit = getattr(model, "max_images", 1)   # pipelines without the attribute take one image per question
+  if limit is not None and len(FLAGS.image) > limit:
+    raise ValueError(f"--image given {len(FLAGS.image)} times; the {type(model).__name__} pipeline of {FLAGS.ckpt} "
+                     f"takes at most {limit} image(s) per prompt")
+  if FLAGS.system is not None:
+    if not hasattr(model, "system"):
+      raise ValueError(f"--system: the {type(model).__name__} pipeline of {FLAGS.ckpt} has no system turn")
+    model.system = FLAGS.system
+  images = [model.read_image(path) for path in FLAGS.image]
+  per_prompt = images[0] if len(images) == 1 else images
   bar = tqdm(total=FLAGS.max_new_tokens, desc="decode", unit="tok", file=sys.stderr)
-  answers = model.answer([img] * len(FLAGS.prompt), FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+  answers = model.answer([per_prompt] * len(FLAGS.prompt), FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
                          sampler=SamplerConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p), seed=FLAGS.seed,
                          on_step=lambda step: bar.update(1))
   bar.close()
@@ -53,7 +66,7 @@ def main(argv):
   del argv
   if FLAGS.image:
     try:
-      return ask_about_image()
+      return ask_about_images()
     except (ValueError, OSError, unimm_jax.ConversionError) as e:
       print(f"chat: error: {e}", file=sys.stderr)
       sys.exit(2)
