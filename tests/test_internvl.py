@@ -26,6 +26,7 @@ from unimm_jax.convert.family import abstract_params
 from unimm_jax.convert.maps import internvl as internvl_map
 from unimm_jax.convert.safetensors_writer import save_safetensors
 from unimm_jax.models import internvit, internvl
+from unimm_jax.sampling.internvl import tile_features
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,6 +90,7 @@ def test_image_features_and_logits_match_transformers_fp32(untied, tie):
     want_feats = ref.model.get_image_features(pixel_values=nchw(pixels)).pooler_output
     want = ref(input_ids=torch.from_numpy(ids), pixel_values=nchw(pixels), output_hidden_states=True)
   close(feats, want_feats)
+  np.testing.assert_allclose(tile_features(model, params, jnp.asarray(pixels), batch=2), feats, atol=1e-6)
   for a, b in zip(out.hidden_states, want.hidden_states):
     close(a, b)
   close(out.logits, want.logits)

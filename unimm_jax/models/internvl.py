@@ -189,13 +189,16 @@ class InternVL(nn.Module):
     x = rearrange(x, "n (h p w q) d -> n (h w) (p q d)", h=gh // s, p=s, q=s)
     return self.multi_modal_projector(x)
 
-  def embed(self, input_ids: jax.Array, pixels: jax.Array | None = None) -> jax.Array:
+  def embed(self, input_ids: jax.Array, pixels: jax.Array | None = None, *,
+            features: jax.Array | None = None) -> jax.Array:
     """[b t] ids -> [b t D]; the `image_token_id` rows, in reading order, take the features of the tiles in order
-    (n tiles * k placeholders: checked by the caller, see sampling/internvl.py)."""
+    (n tiles * k placeholders: checked by the caller, see sampling/internvl.py). Pass the tiles (pixels), or
+    their `image_features` [n k D] computed beforehand."""
     x = self.language_model.embed(input_ids)
-    if pixels is None:
+    if pixels is not None:
+      features = self.image_features(pixels)
+    if features is None:
       return x
-    features = self.image_features(pixels)
     return scatter_placeholders(x, input_ids, features.reshape(-1, features.shape[-1]), self.cfg.image_token_id)
 
   def __call__(self, input_ids: jax.Array, pixels: jax.Array | None = None, *, positions: jax.Array | None = None,

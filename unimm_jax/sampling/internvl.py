@@ -2,8 +2,8 @@
 
 Each image of a question is written `<img>` + `<IMG_CONTEXT>` x (tokens per tile x its tiles) + `</img>` where its
 `<image>` marker stands (sampling/vlm.py), as both transformers' InternVLProcessor and the original chat() do.
-A batch holds prompts with different images: the tiles of every image of every prompt go through InternViT as
-one [n tile tile 3] batch (all tiles have one size, so nothing is padded), and their features fill the
+A batch holds prompts with different images: the tiles of every image of every prompt go through InternViT
+together (all tiles have one size, so none is padded; TILE_BATCH per call), and their features fill the
 placeholders of the left-padded prompts in order.
 """
 
@@ -29,9 +29,22 @@ from unimm_jax.sampling.text import Generation, SamplerConfig
 START, CONTEXT, END = "<img>", "<IMG_CONTEXT>", "</img>"
 
 
+# Tiles per InternViT call: bounds the fp32 attention scores [tiles, 16, 1025, 1025] (67 MB a tile) that the
+# XLA attention materialises; 4 prompts of 13 tiles in one call would hold 3.5 GB of them per layer.
+TILE_BATCH = 8
+
+
+@functools.partial(jax.jit, static_argnames=("module", "batch"))
+def tile_features(module: InternVL, params: Any, pixels: jax.Array, batch: int = TILE_BATCH) -> jax.Array:
+  """Tiles [n H W 3] -> LLM embeddings [n k D], `batch` tiles at a time (the same numbers as all at once)."""
+  one = lambda tile: module.apply({"params": params}, tile[None], method=InternVL.image_features)[0]  # noqa: E731
+  return jax.lax.map(one, pixels, batch_size=batch)
+
+
 @functools.partial(jax.jit, static_argnames="module")
-def _embed(module: InternVL, params: Any, ids: jax.Array, pixels: jax.Array | None) -> jax.Array:
-  return module.apply({"params": params}, ids, pixels, method=InternVL.embed)
+def prompt_embeddings(module: InternVL, params: Any, ids: jax.Array, features: jax.Array | None) -> jax.Array:
+  """Token ids [b p] -> [b p D] with the tiles' features [n k D] (tile_features) in place of the placeholders."""
+  return module.apply({"params": params}, ids, features=features, method=InternVL.embed)
 
 
 @dataclasses.dataclass
@@ -100,11 +113,11 @@ class InternVLChat:
     if limit is not None and max(map(len, prompts)) + max_new_tokens > limit:
       raise ValueError(f"{self.where}: a prompt of {max(map(len, prompts))} tokens + {max_new_tokens} new ones "
                        f"passes the {limit} positions where the release's dynamic RoPE would rescale")
-    pixels = jnp.asarray(np.concatenate(tiles)) if tiles else None
+    features = tile_features(self.module, self.params, jnp.asarray(np.concatenate(tiles))) if tiles else None
     pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
     return vlm.generate_with_images(
         qwen.Qwen(self.module.cfg.llm), self.params["language_model"],
-        lambda ids: _embed(self.module, self.params, jnp.asarray(ids), pixels), prompts, pad_id=pad,
+        lambda ids: prompt_embeddings(self.module, self.params, jnp.asarray(ids), features), prompts, pad_id=pad,
         max_new_tokens=max_new_tokens, sampler=sampler, stop=vlm.stop_tokens(self.tokenizer), seed=seed,
         on_step=on_step)
 
