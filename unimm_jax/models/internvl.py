@@ -76,9 +76,13 @@ class InternVLConfig(DictConfig):
   def tokens_per_tile(self) -> int:
     return (self.vision.posemb_grid // self.shuffle) ** 2
 
-  # Released sizes, from the config.json of OpenGVLab/InternVL3-1B and -2B (InternVLChatConfig: vision_config
-  # InternViT-300M-448px, llm_config Qwen2.5-0.5B / 1.5B shapes with the vocabulary extended to 151674 tokens and
-  # untied lm_head, rope_theta 1e6 with dynamic NTK factor 2 over max_position_embeddings 32768).
+  # Released sizes. InternVL3-1B: its config.json (InternVLChatConfig) as printed from the loaded release in
+  # shivangjhalani/multicoco InternVL3-1B_data.md: vision_config InternViT-300M-448px, llm_config Qwen2.5-0.5B shapes
+  # with the vocabulary extended to 151674 and an untied lm_head, rope_theta 1e6 with dynamic NTK factor 2 over
+  # max_position_embeddings 32768 (tests/fixtures/internvl: its 938,193,024 parameters). InternVL3-2B: the same
+  # tower with Qwen2.5-1.5B shapes (width 1536, 28 layers, 12 / 2 heads, head_dim 128, vocab 151674, as in the
+  # InternVL text_config of NVIDIA trtmc's runtime-config test); its MLP 8960 (Qwen2.5-1.5B's) and untied lm_head
+  # (the 1B release's) are UNVERIFIED against the 2B config.json. config_from_hf reads the real file either way.
   @classmethod
   def internvl3_1b(cls, **kw) -> "InternVLConfig":
     llm = QwenConfig.qwen2_5_0_5b(vocab=151674, tie_embeddings=False)
