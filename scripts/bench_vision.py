@@ -9,18 +9,28 @@
    layout; transformers itself is timed on it too); packed = NaViT rows of the same length holding
    several images (segment ids). Packing should win by about the padding fraction.
 
-3. Qwen2.5-VL vision tower (width 1280, 16 heads, MLP 3420, merger to 3584, 112px windows, the last block
+3. InternViT-300M-shaped tower (width 1024, 16 heads, MLP 4096) at reduced depth on 448 px tiles (1025 tokens):
+   images/s of our jitted forward vs transformers' InternVLVisionModel (SDPA), same weights, fp32.
+4. Mixed-size images for InternVL: 4 images of random sizes and aspect ratios tile into 1..7 tiles each
+   (dynamic tiling, at most 6 + thumbnail here; the release allows 12); image features (InternViT + pixel
+   shuffle + projector) of all their tiles. Packed = every real tile in one batch (what the pipeline and transformers do); padded =
+   each image's tiles padded to the largest count (a [b, max_tiles] layout).
+5. Prefill + decode of an image question on an InternVL3-1B-shaped model at reduced depth (InternViT width 1024,
+   Qwen2.5 width 896, vocabulary 151674): one tile (256 image tokens) + text, then --new_tokens greedy tokens;
+   our jitted embed + KV-cached generate vs transformers' generate.
+6. Qwen2.5-VL vision tower (width 1280, 16 heads, MLP 3420, merger to 3584, 112px windows, the last block
    full attention) at reduced depth: images/s of 448px images (1024 patches) vs transformers'
    Qwen2_5_VisionTransformerPretrainedModel (SDPA, per-window chunks); then a batch of mixed sizes,
    packed (rows as long as the largest image, several images a row) vs padded (one image a row).
-4. Image question: a Qwen2.5-VL with that tower and a Qwen2.5-0.5B-shaped decoder (head_dim 64, so M-RoPE
+7. Image question: a Qwen2.5-VL with that tower and a Qwen2.5-0.5B-shaped decoder (head_dim 64, so M-RoPE
    sections 8/12/12) at reduced depth,
    one 448px image + a short question: prefill (vision + prompt) and prefill + 32 greedy tokens, ours
    (jitted, KV cache) vs transformers' generate, tokens checked equal.
 
-  python scripts/bench_vision.py             # so400m-shaped, depth 2 (minutes on 2 CPU cores)
-  python scripts/bench_vision.py --model qwen_vl --depth 4   # only sections 3-4
-  python scripts/bench_vision.py --tiny      # seconds; used by the smoke test
+  python scripts/bench_vision.py             # every family, depth 2 (minutes on 2 CPU cores)
+  python scripts/bench_vision.py --models internvl
+  python scripts/bench_vision.py --models qwen_vl --depth 4   # only sections 6-7
+  python scripts/bench_vision.py --tiny      # seconds; used by the smoke tests
 """
 
 from __future__ import annotations
@@ -40,10 +50,13 @@ import transformers
 from unimm_jax.convert.family import abstract_params
 from unimm_jax.convert import engine, hf
 from unimm_jax import registry
+from unimm_jax.data import internvl as internvl_data
 from unimm_jax.data import qwen_vl as data_vl
 from unimm_jax.data import vision
-from unimm_jax.models import qwen_vit, qwen_vl, siglip
+from unimm_jax.models import internvit, internvl, qwen, qwen_vit, qwen_vl, siglip
 from unimm_jax.sampling import generate_from_embeddings
+from unimm_jax.sampling import internvl as internvl_chat
+from unimm_jax.sampling import vlm
 
 SIZES = {
     "so400m": dict(hidden_size=1152, intermediate_size=4304, num_attention_heads=16),
@@ -98,33 +111,39 @@ def row(name: str, impl: str, shape: str, seconds: float, images: int) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--tiny", action="store_true", help="tiny widths and images (smoke test)")
-  parser.add_argument("--depth", type=int, default=2, help="encoder layers (so400m has 27)")
+  parser.add_argument("--models", default="siglip,internvl,qwen_vl", help="comma-separated: siglip, internvl, qwen_vl")
+  parser.add_argument("--llm_depth", type=int, default=4, help="Qwen2.5-VL: decoder layers of the image-question model")
+  parser.add_argument("--depth", type=int, default=2, help="encoder layers (so400m has 27, InternViT-300M 24)")
   parser.add_argument("--batch", type=int, default=4, help="images per fixed-resolution batch")
   parser.add_argument("--mixed", type=int, default=8, help="images in the mixed-resolution batch")
+  parser.add_argument("--new_tokens", type=int, default=32, help="InternVL: tokens decoded after the image question")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--bf16", action="store_true", help="also time our forward with bf16 compute")
-  parser.add_argument("--model", choices=("all", "siglip", "qwen_vl"), default="all", help="which towers")
-  parser.add_argument("--llm_depth", type=int, default=4, help="decoder layers of the image-question model")
   args = parser.parse_args()
-  torch.set_num_threads(os.cpu_count() or 1)
-  if args.model in ("all", "siglip"):
-    siglip_sections(args)
-  if args.model in ("all", "qwen_vl"):
-    qwen_vl_sections(args)
-
-
-def siglip_sections(args):
-  size = "tiny" if args.tiny else "so400m"
-  image, patch, naflex_patch, max_patches = (32, 8, 8, 16) if args.tiny else (384, 14, 16, 576)
+  models = args.models.split(",")
+  if unknown := set(models) - {"siglip", "internvl", "qwen_vl"}:
+    parser.error(f"--models: unknown {sorted(unknown)}; choose from siglip, internvl, qwen_vl")
   if args.tiny:
-    args.batch, args.mixed, args.repeats = 2, 5, 1
+    args.batch, args.mixed, args.repeats, args.new_tokens = 2, 5, 1, 4
+  torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
-
-  print(f"device {jax.devices()[0].platform} ({os.cpu_count()} cores); {size}-shaped, depth {args.depth}; "
-        f"best of {args.repeats}; torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}")
+  print(f"device {jax.devices()[0].platform} ({os.cpu_count()} cores); depth {args.depth}; best of {args.repeats}; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}")
   print(f"| {'case':<24} | {'implementation':<28} | {'b x tokens':>12} | {'ms/batch':>9} | {'images/s':>8} |")
   print(f"|{'-' * 26}|{'-' * 30}|{'-' * 14}|{'-' * 11}|{'-' * 10}|")
+  summary = []
+  if "siglip" in models:
+    summary += siglip_cases(args)
+  if "internvl" in models:
+    summary += internvl_cases(args)
+  if "qwen_vl" in models:
+    qwen_vl_sections(args)
+  print("\n".join(summary))
 
+
+def siglip_cases(args) -> list[str]:
+  size = "tiny" if args.tiny else "so400m"
+  image, patch, naflex_patch, max_patches = (32, 8, 8, 16) if args.tiny else (384, 14, 16, 576)
   # 1. Fixed resolution.
   ref = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
       **SIZES[size], num_hidden_layers=args.depth, image_size=image, patch_size=patch)).eval()
@@ -176,15 +195,118 @@ def siglip_sections(args):
         len(items))
 
   t_ref = fixed["transformers fp32 (eager)"]
-  print(f"fixed resolution: unimm-jax fp32 / transformers fp32 images/s = {t_ref / fixed['unimm-jax fp32 (jit)']:.2f}x "
-        f"(max |diff| of last_hidden_state {diff:.1e})")
+  out = [f"SigLIP fixed resolution: unimm-jax fp32 / transformers fp32 images/s = "
+         f"{t_ref / fixed['unimm-jax fp32 (jit)']:.2f}x (max |diff| of last_hidden_state {diff:.1e})"]
   if args.bf16:
-    print(f"fixed resolution: unimm-jax bf16 / transformers fp32 images/s = {t_ref / fixed['unimm-jax bf16 (jit)']:.2f}x")
-  print(f"mixed resolution: packed / padded images/s = "
+    out.append(f"SigLIP fixed resolution: unimm-jax bf16 / transformers fp32 images/s = "
+               f"{t_ref / fixed['unimm-jax bf16 (jit)']:.2f}x")
+  out.append(f"SigLIP mixed resolution: packed / padded images/s = "
         f"{mixed['unimm-jax fp32 padded'] / mixed['unimm-jax fp32 packed']:.2f}x; padding fraction of the padded "
         f"batch {1 - real / (len(items) * max_patches):.0%}, of the packed rows {1 - real / packed['segment_ids'].size:.0%}; "
         f"unimm-jax padded / transformers padded = "
         f"{mixed['transformers fp32 padded'] / mixed['unimm-jax fp32 padded']:.2f}x")
+  return out
+
+def internvl_from(ref: torch.nn.Module):
+  """Our InternVL and params for a transformers InternVLForConditionalGeneration, through our converter."""
+  fam = hf.family_for_model_type("internvl", "bench")
+  cfg = internvl.config_from_hf(ref.config.to_dict())
+  state = hf._renamed({k: (lambda v=v: v.detach().numpy()) for k, v in ref.state_dict().items()},
+                      fam.key_prefixes("internvl"))
+  params = engine.convert(state, fam.rules(cfg), engine.flatten(abstract_params(fam, cfg)), ignore=fam.ignore(cfg))
+  return internvl.InternVL(cfg), jax.tree.map(jnp.asarray, engine.unflatten(params))
+
+
+def internvl_cases(args) -> list[str]:
+  if args.tiny:
+    vision = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, image_size=28, patch_size=7)
+    text = dict(hidden_size=64, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2, vocab_size=512)
+  else:
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=448, patch_size=14)
+    text = dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                vocab_size=151674)
+  tile = vision["image_size"]
+  ref = transformers.InternVLForConditionalGeneration(transformers.InternVLConfig(
+      vision_config=dict(vision, num_hidden_layers=args.depth, attention_bias=True),
+      text_config=dict(text, model_type="qwen2", num_hidden_layers=args.depth, rope_theta=1e6,
+                       tie_word_embeddings=False),
+      image_token_id=text["vocab_size"] - 1, tie_word_embeddings=False)).eval()
+  module, params = internvl_from(ref)
+  cfg = module.cfg
+  tower = internvit.InternViT(cfg.vision)
+  encode = jax.jit(lambda p, x: tower.apply({"params": p}, x).last_hidden_state)
+  rng = np.random.default_rng(3)
+
+  # 3. Fixed 448 px tiles.
+  pixels = rng.normal(size=(args.batch, tile, tile, 3)).astype(np.float32)
+  pixels_t = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+  got = np.asarray(encode(params["vision_tower"], jnp.asarray(pixels)))  # compile
+  x = jnp.asarray(pixels)
+  fns = {"transformers fp32 (SDPA)": lambda: ref.model.vision_tower(pixels_t),
+         "unimm-jax fp32 (jit)": lambda: encode(params["vision_tower"], x).block_until_ready()}
+  with torch.no_grad():
+    diff = float(np.max(np.abs(got - ref.model.vision_tower(pixels_t).last_hidden_state.numpy())))
+    fixed = race(fns, args.repeats)
+  tokens = (tile // vision["patch_size"]) ** 2 + 1
+  for name, t in fixed.items():
+    row(f"InternViT {tile}px tiles", name, f"{args.batch}x{tokens}", t, args.batch)
+
+  # 4. Mixed-size images -> tiles, packed vs padded.
+  processor = internvl_data.TilingProcessor(tile=tile, max_tiles=6)   # 12 in the release; 6 keeps CPU runs short
+  n_images = min(args.mixed, 4)
+  sizes = [(int(rng.integers(tile // 4, 3 * tile)), int(rng.integers(tile // 4, 3 * tile))) for _ in range(n_images)]
+  counts = [processor.num_tiles(h, w) for h, w in sizes]
+  packed = rng.normal(size=(sum(counts), tile, tile, 3)).astype(np.float32)
+  padded = np.zeros((len(counts) * max(counts), tile, tile, 3), np.float32)
+  start = 0
+  for i, n in enumerate(counts):
+    padded[i * max(counts):i * max(counts) + n] = packed[start:start + n]
+    start += n
+  packed_t = torch.from_numpy(np.ascontiguousarray(packed.transpose(0, 3, 1, 2)))
+  xs = {"packed": jnp.asarray(packed), "padded": jnp.asarray(padded)}
+  features = lambda v: internvl_chat.tile_features(module, params, v).block_until_ready()  # noqa: E731
+  for v in xs.values():
+    features(v)  # compile
+  fns = {"transformers fp32 packed": lambda: ref.model.get_image_features(pixel_values=packed_t),
+         **{f"unimm-jax fp32 {k}": (lambda v=v: features(v)) for k, v in xs.items()}}
+  with torch.no_grad():
+    fns["transformers fp32 packed"]()  # warm-up
+    mixed = race(fns, args.repeats)
+  shapes = {"transformers fp32 packed": packed.shape, "unimm-jax fp32 packed": packed.shape,
+            "unimm-jax fp32 padded": padded.shape}
+  for name, t in mixed.items():
+    row(f"InternVL mixed, {len(counts)} img", name, f"{shapes[name][0]}x{tokens}", t, len(counts))
+
+  # 5. Prefill + decode of a question about one tile.
+  k = cfg.tokens_per_tile
+  prompt = rng.integers(0, 200, 12).tolist() + [cfg.image_token_id] * k + rng.integers(0, 200, 16).tolist()
+  tile1, llm = jnp.asarray(packed[:1]), qwen.Qwen(cfg.llm)
+
+  def ours():  # what InternVLChat.generate runs once the prompt is tokenized and the image tiled
+    feats = internvl_chat.tile_features(module, params, tile1)
+    return vlm.generate_with_images(llm, params["language_model"],
+                                    lambda ids: internvl_chat.prompt_embeddings(module, params, jnp.asarray(ids), feats),
+                                    [prompt], pad_id=0, max_new_tokens=args.new_tokens)
+  ids_t = torch.tensor([prompt])
+  pix_t = torch.from_numpy(np.ascontiguousarray(packed[:1].transpose(0, 3, 1, 2)))
+  theirs = lambda: ref.generate(input_ids=ids_t, pixel_values=pix_t, max_new_tokens=args.new_tokens,  # noqa: E731
+                                min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+  with torch.no_grad():
+    want = theirs()[0, len(prompt):].tolist()  # also the warm-up
+    same = ours().as_lists()[0] == want        # and our compile
+    chat = race({"transformers fp32 generate": theirs, "unimm-jax fp32 generate": ours}, args.repeats)
+  for name, t in chat.items():
+    row(f"InternVL prefill+{args.new_tokens} tok", name, f"1x{len(prompt)}", t, 1)
+  return [
+      f"InternViT tiles: unimm-jax fp32 / transformers fp32 images/s = "
+      f"{fixed['transformers fp32 (SDPA)'] / fixed['unimm-jax fp32 (jit)']:.2f}x (max |diff| {diff:.1e})",
+      f"InternVL mixed sizes: packed / padded images/s = "
+      f"{mixed['unimm-jax fp32 padded'] / mixed['unimm-jax fp32 packed']:.2f}x ({sum(counts)} real tiles of "
+      f"{padded.shape[0]} padded); unimm-jax packed / transformers packed = "
+      f"{mixed['transformers fp32 packed'] / mixed['unimm-jax fp32 packed']:.2f}x",
+      f"InternVL image question: unimm-jax / transformers (prefill + {args.new_tokens} tokens) speed = "
+      f"{chat['transformers fp32 generate'] / chat['unimm-jax fp32 generate']:.2f}x; greedy tokens identical: {same}",
+  ]
 
 
 QWEN_VIT = {"full": dict(hidden_size=1280, num_heads=16, intermediate_size=3420, out_hidden_size=3584),

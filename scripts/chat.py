@@ -1,5 +1,5 @@
 """Chat with a converted (or HF) LLM checkpoint using its tokenizer's chat template, or ask a checkpoint of a
-family with an image pipeline (Qwen2.5-VL, TUNA) about images.
+family with an image pipeline (Qwen2.5-VL, InternVL3, TUNA; `Family.pipeline`) about images.
 
   python scripts/chat.py --ckpt DIR --prompt "Why is the sky blue?" [--max_new_tokens 128]
       [--temperature 0.7 --top_p 0.9 --top_k 50] [--system "..."] [--seed 0]

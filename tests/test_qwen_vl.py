@@ -407,7 +407,7 @@ def test_chat_script_asks_about_several_images_of_different_sizes(hf_dir, tmp_pa
 
 @pytest.mark.slow
 def test_bench_vision_qwen_sections_run_on_tiny_settings():
-  r = run_script("scripts/bench_vision.py", "--tiny", "--model", "qwen_vl")
+  r = run_script("scripts/bench_vision.py", "--tiny", "--models", "qwen_vl")
   assert r.returncode == 0, r.stderr[-3000:]
   for line in ("Qwen2.5-VL tower: unimm-jax fp32 / transformers fp32", "packed / padded", "greedy tokens identical: True"):
     assert line in r.stdout

@@ -308,7 +308,10 @@ def test_config_from_hf_reads_every_layout_and_rejects_bad_ones():
 
 def test_bench_vision_script_runs_on_tiny_settings():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  r = subprocess.run([sys.executable, "scripts/bench_vision.py", "--tiny", "--model", "siglip"], cwd=root,
+  r = subprocess.run([sys.executable, "scripts/bench_vision.py", "--tiny", "--models", "siglip,internvl"], cwd=root,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "unimm-jax fp32 / transformers fp32" in r.stdout and "packed / padded" in r.stdout
+  assert "SigLIP fixed resolution: unimm-jax fp32 / transformers fp32" in r.stdout and "packed / padded" in r.stdout
+  # the InternVL cases of the same script (tests/test_internvl.py has the model)
+  assert "InternViT tiles: unimm-jax fp32 / transformers fp32" in r.stdout
+  assert "greedy tokens identical: True" in r.stdout

@@ -29,6 +29,8 @@ FAMILIES: dict[str, str] = {
     "sana": "unimm_jax.convert.maps.sana:FAMILY",
     "dc_ae": "unimm_jax.convert.maps.dc_ae:FAMILY",
     "flux": "unimm_jax.convert.maps.flux:FAMILY",
+    "internvl": "unimm_jax.convert.maps.internvl:FAMILY",
+    "internvl_chat": "unimm_jax.convert.maps.internvl:FAMILY_ORIGINAL",
 }
 
 # config.task -> builder(config) -> training.task.Task

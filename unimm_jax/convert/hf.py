@@ -24,6 +24,8 @@ from unimm_jax.convert.errors import ConversionError
 from unimm_jax.convert.family import Family, abstract_params
 from unimm_jax.convert.safetensors_writer import save_safetensors
 
+# Copied beside converted weights and back on export: tokenizer, chat template, generation and image-processor
+# settings (the image-chat pipelines read preprocessor_config.json).
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",

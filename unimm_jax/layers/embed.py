@@ -28,9 +28,10 @@ class Embed(nn.Module):
 
 
 def scatter_placeholders(embeds: jax.Array, ids: jax.Array, features: jax.Array, token_id: int) -> jax.Array:
-  """Multimodal prompts: embeds [b t d] with the rows where `ids == token_id` replaced, in row-major order, by
-  the rows of features [n d] (transformers' masked_scatter). The caller checks that n equals the number of
-  placeholders while the ids are concrete (traced ids cannot raise)."""
+  """Multimodal prompts: embeds [b t d] whose rows at `ids == token_id` are replaced, in row-major order, by the
+  rows of features [n d] (transformers' `masked_scatter`). n must equal the number of placeholders: the caller
+  checks it where the ids are concrete (traced ids cannot raise); extra features are unused, missing ones repeat
+  the last."""
   mask = ids == token_id
   index = jnp.clip(jnp.cumsum(mask.reshape(-1)) - 1, 0, features.shape[0] - 1).reshape(mask.shape)
   return jnp.where(mask[..., None], jnp.take(features, index, axis=0).astype(embeds.dtype), embeds)

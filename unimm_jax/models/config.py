@@ -14,6 +14,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from unimm_jax.layers.stack import check_remat
+
 
 class DictConfig:
   """Mixin for `@dataclasses.dataclass(frozen=True)` configs: `to_dict` and the strict `from_dict`.
@@ -44,3 +46,29 @@ def _value(hint: Any, v: Any) -> Any:
     if nested:
       return nested[0].from_dict(v)
   return tuple(v) if isinstance(v, list) else v
+
+
+class EncoderConfig(DictConfig):
+  """Mixin for vision-encoder configs with `embed`, `heads`, `depth`, `feature_layer` and `remat` fields: the head
+  size, the layers a feature layer keeps, and the checks they share (call `check_encoder` in __post_init__)."""
+
+  @property
+  def head_dim(self) -> int:
+    return self.embed // self.heads
+
+  @property
+  def num_layers(self) -> int:
+    """Layers built and run: hidden_states[feature_layer] (HF indexing: 0 = the embeddings, -1 = the last layer's
+    output) is the output of this many layers; later layers are not built."""
+    if self.feature_layer is None:
+      return self.depth
+    return self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
+
+  def check_encoder(self) -> None:
+    name = type(self).__name__
+    if self.embed % self.heads:
+      raise ValueError(f"{name}: embed {self.embed} is not a multiple of heads {self.heads}")
+    check_remat(self.remat, name)
+    if not 1 <= self.num_layers <= self.depth:
+      raise ValueError(f"{name}: feature_layer {self.feature_layer} selects {self.num_layers} of "
+                       f"{self.depth} layers; it must select at least one")

@@ -33,15 +33,15 @@ from einops import rearrange
 
 from unimm_jax.layers import MLP, Attention, DenseGeneral, LayerNorm
 from unimm_jax.layers.block import PreLNBlock
-from unimm_jax.layers.stack import build_layers, check_remat, run_layers
-from unimm_jax.models.config import DictConfig
+from unimm_jax.layers.stack import build_layers, run_layers
+from unimm_jax.models.config import EncoderConfig
 
 MODEL_TYPES = ("siglip_vision_model", "siglip", "siglip2_vision_model", "siglip2")
 POSEMB_RESIZE = ("bicubic", "bilinear_antialias")
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipVisionConfig(DictConfig):
+class SiglipVisionConfig(EncoderConfig):
   embed: int = 768
   mlp: int = 3072
   depth: int = 12
@@ -65,25 +65,9 @@ class SiglipVisionConfig(DictConfig):
   attention_impl: str = "auto"
 
   def __post_init__(self):
-    if self.embed % self.heads:
-      raise ValueError(f"SiglipVisionConfig: embed {self.embed} is not a multiple of heads {self.heads}")
     if self.posemb_resize not in POSEMB_RESIZE:
       raise ValueError(f"SiglipVisionConfig.posemb_resize {self.posemb_resize!r} is not one of {POSEMB_RESIZE}")
-    check_remat(self.remat, "SiglipVisionConfig")
-    if not 1 <= self.num_layers <= self.depth:
-      raise ValueError(f"SiglipVisionConfig: feature_layer {self.feature_layer} selects {self.num_layers} of "
-                       f"{self.depth} layers; it must select at least one")
-
-  @property
-  def head_dim(self) -> int:
-    return self.embed // self.heads
-
-  @property
-  def num_layers(self) -> int:
-    """Layers built and run: hidden_states[feature_layer] is the output of this many layers."""
-    if self.feature_layer is None:
-      return self.depth
-    return self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
+    self.check_encoder()
 
   @classmethod
   def so400m(cls, patch: int = 14, image_size: int = 384, **kw) -> "SiglipVisionConfig":
