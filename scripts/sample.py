@@ -26,10 +26,10 @@ flags.DEFINE_string("size", None, "HxW in pixels, a multiple of the token size (
 flags.DEFINE_string("out", "samples", "output directory")
 
 
-def parse_size(size: str | None, downsample: int) -> tuple[int, int]:
-  """--size in pixels (default: 32 image tokens a side)."""
+def parse_size(size: str | None, downsample: int, default: tuple[int, int] | None = None) -> tuple[int, int]:
+  """--size in pixels (default: the pipeline's `default_size`, else 32 image tokens a side)."""
   if size is None:
-    return 32 * downsample, 32 * downsample
+    return default or (32 * downsample, 32 * downsample)
   try:
     h, w = (int(v) for v in size.lower().split("x"))
   except ValueError:
@@ -47,7 +47,7 @@ def main(argv):
   except (ValueError, OSError, ConversionError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)
-  size = parse_size(FLAGS.size, model.downsample)
+  size = parse_size(FLAGS.size, model.downsample, getattr(model, "default_size", None))
   images = model.generate(FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True)
   os.makedirs(FLAGS.out, exist_ok=True)
   for i, (prompt, img) in enumerate(zip(FLAGS.prompt, images)):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from PIL import Image
 
 from unimm_jax import registry
 from unimm_jax.convert import openuni as convert_openuni
@@ -274,3 +277,36 @@ def test_convert_cli_reports_mismatches_and_leaves_the_destination(split_release
   assert not (tmp_path / "new").exists()
   with pytest.raises(ConversionError, match="is not one of"):
     convert_openuni.convert_cli("xl", release, str(tmp_path / "new"), dirs, overwrite=False)
+
+
+# --- the CLIs on a converted tiny release ---
+
+def run(*args):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return r
+
+
+@pytest.mark.slow   # ~90 s: four processes, each compiling its part of the model
+def test_convert_sample_edit_chat_scripts(split_release, tmp_path):
+  release, dirs, _, _ = split_release
+  ckpt = str(tmp_path / "ckpt")
+  r = run("scripts/convert.py", "--openuni", "tiny", "--src", release, "--lmm", dirs["lmm"], "--sana", dirs["sana"],
+          "--vae", dirs["vae"], "--dst", ckpt)
+  assert '"lmm": ' in r.stdout and '"release": ' in r.stdout
+  out = tmp_path / "samples"
+  run("scripts/sample.py", "--ckpt", ckpt, "--prompt", "a red circle", "--prompt", "a blue square", "--size", "64x32",
+      "--steps", "2", "--out", str(out))
+  images = [np.asarray(Image.open(out / n)) for n in ("000.png", "001.png", "grid.png")]
+  assert [i.shape for i in images] == [(64, 32, 3), (64, 32, 3), (64, 64, 3)]
+  assert images[0].std() > 0 and not np.array_equal(images[0], images[1])
+  src = tmp_path / "src.png"
+  Image.fromarray((np.random.RandomState(0).rand(40, 50, 3) * 255).astype(np.uint8)).save(src)
+  edited = tmp_path / "edited.png"
+  run("scripts/edit.py", "--ckpt", ckpt, "--image", str(src), "--instruction", "make it blue", "--steps", "2",
+      "--out", str(edited))
+  size = openuni.OpenUniConfig.tiny().image_size   # the tiny variant's default size, as the release's 512
+  assert np.asarray(Image.open(edited)).shape == (size, size, 3)
+  r = run("scripts/chat.py", "--ckpt", ckpt, "--image", str(src), "--prompt", "what is it?", "--max_new_tokens", "3")
+  assert "what is it?" in r.stdout and len(r.stdout.strip().splitlines()) >= 2

@@ -74,6 +74,14 @@ def vit_pixels(images: np.ndarray | jax.Array, size: int) -> jax.Array:
   return jax.image.resize(x, (x.shape[0], size, size, 3), "bilinear", antialias=False)
 
 
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """uint8 [H W 3] -> [h w 3] with PIL's default (bicubic) filter, as the edit script's `Image.resize`."""
+  from PIL import Image
+  if np.shape(image)[:2] == tuple(size):
+    return np.asarray(image)
+  return np.asarray(Image.fromarray(np.asarray(image, np.uint8)).resize((size[1], size[0]), Image.BICUBIC))
+
+
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
   """[-1, 1] images -> uint8 as scripts/text2image.py: clamp(127.5 x + 128, 0, 255), truncated."""
   return np.clip(127.5 * np.asarray(images, np.float32) + 128, 0, 255).astype(np.uint8)
@@ -119,6 +127,11 @@ class OpenUniPipeline:
   def downsample(self) -> int:
     return self.cfg.vae.spatial_downscale * self.cfg.transformer.patch_size
 
+  @property
+  def default_size(self) -> tuple[int, int]:
+    """(H, W) the release generates at (512, L-1024: 1024): scripts/sample.py without --size."""
+    return self.cfg.image_size, self.cfg.image_size
+
   def sampler_config(self, **overrides) -> OpenUniSamplerConfig:
     """The release defaults (20 steps, guidance 4.5, shift 3) with the CLI's overrides (None keeps a default)."""
     return OpenUniSamplerConfig(**{k: v for k, v in overrides.items() if v is not None})
@@ -161,13 +174,15 @@ class OpenUniPipeline:
 
   def edit(self, images: Sequence[np.ndarray], instructions: Sequence[str], cfg: OpenUniSamplerConfig, *,
            negative: str = "", seed: int = 0, progress: bool = False) -> list[np.ndarray]:
-    """uint8 source images + instructions -> edited images at each source's size (one size per call)."""
-    if len({np.shape(i) for i in images}) != 1:
-      raise ValueError(f"openuni edit: the source images have different sizes {[np.shape(i) for i in images]}")
+    """uint8 source images + instructions -> edited images of default_size: the sources are resized to it first, as
+    scripts/image_edit.py does with its --height / --width (the release's image size)."""
+    if len(images) != len(instructions):
+      raise ValueError(f"openuni edit: {len(images)} images for {len(instructions)} instructions")
+    h, w = self.default_size
+    srcs = np.stack([resize(i, (h, w)) for i in images])
     n, k = len(images), self.cfg.image_tokens
     texts = [edit_prompt(t, k) for t in instructions] + [edit_prompt(negative.strip() or EDIT_CFG, k)] * n
-    embeds = self.prompt_embeds(texts, np.concatenate([np.stack(images)] * 2))
-    h, w = np.shape(images[0])[:2]
+    embeds = self.prompt_embeds(texts, np.concatenate([srcs] * 2))
     _, out = self.sample(embeds[:n], embeds[n:], (h, w), cfg, seed=seed, progress=progress)
     return list(out)
 
