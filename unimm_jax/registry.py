@@ -38,6 +38,7 @@ FAMILIES: dict[str, str] = {
 TASKS: dict[str, str | Callable] = {
     "lm": "unimm_jax.training.lm:build",
     "tuna": "unimm_jax.training.tuna_task:build",
+    "openuni": "unimm_jax.training.openuni_task:build",
 }
 
 # config.data.name -> builder(config, batch_per_process, process_index, process_count) -> grain.IterDataset
@@ -45,6 +46,7 @@ DATASETS: dict[str, str | Callable] = {
     "synthetic_tokens": "unimm_jax.data.synthetic:from_config",
     "shapes_tuna": "unimm_jax.data.tuna_data:shapes_from_config",
     "tuna_streams": "unimm_jax.data.tuna_data:streams_from_config",
+    "shapes_openuni": "unimm_jax.data.openuni_data:shapes_from_config",
 }
 
 
