@@ -31,6 +31,7 @@ FAMILIES: dict[str, str] = {
     "flux": "unimm_jax.convert.maps.flux:FAMILY",
     "internvl": "unimm_jax.convert.maps.internvl:FAMILY",
     "internvl_chat": "unimm_jax.convert.maps.internvl:FAMILY_ORIGINAL",
+    "uniworld": "unimm_jax.convert.maps.uniworld:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task
