@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import transformers
 
+import unimm_jax
+
 from unimm_jax.convert import uniworld as convert_uniworld
 from unimm_jax.convert.errors import ConversionError
 from unimm_jax.data.qwen_vl import QwenVLImageProcessor
-from unimm_jax.models import qwen_vl, uniworld
+from unimm_jax.models import flux, qwen_vl, uniworld, vae_kl
+from unimm_jax.sampling import flux as flux_sampling
 from unimm_jax.sampling import uniworld as sampling
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "uniworld")
@@ -155,3 +158,68 @@ def test_conversion_names_missing_sources(tmp_path):
     convert_uniworld.convert(dirs["uniworld"], siglip=dirs["siglip"], flux=dirs["flux"],
                              task_head=os.path.join(FIXTURES, "uniworld.safetensors"))
   assert not os.path.exists(dst)
+
+
+@pytest.mark.parametrize("case, cond", [("case_c_t2i_sampling.npz", "case_a_t2i_conditioning.npz"),
+                                        pytest.param("case_d_edit_sampling.npz", "case_b_edit_conditioning.npz",
+                                                     marks=pytest.mark.slow)])
+def test_flux_sampling_every_step_and_decode(converted, case, cond):
+  """Cases c / d: the schedule, each step's transformer call on the stored input (velocity) and Euler step, then
+  the whole chain from the stored noise to the final latents, the VAE input, the decoded and the uint8 image."""
+  s, a, cfg = fixture(case), fixture(cond), converted["cfg"]
+  steps = len(s["timesteps"])
+  sampler = flux_sampling.FluxSampler(flux.FluxTransformer2DModel(cfg.denoiser), converted["params"]["denoiser"],
+                                      converted["c"]["flux_scheduler_config"], vae_kl.AutoencoderKL(converted["vae_cfg"]),
+                                      jax.tree.map(jnp.asarray, converted["vae_params"]))
+  noise = jnp.asarray(s["init_latents_unpacked"].transpose(0, 2, 3, 1))
+  packed = flux.pack_latents(noise)
+  np.testing.assert_allclose(packed, s["init_packed_latents"], atol=0)
+  h, w = noise.shape[1:3]
+  np.testing.assert_array_equal(flux.image_ids(h, w), s["img_ids"])
+  np.testing.assert_array_equal(flux.text_ids(a["prompt_embeds"].shape[1]), s["txt_ids"])
+  scheduler = sampler.scheduler(steps, None, packed.shape[1])
+  np.testing.assert_allclose(scheduler.sigmas, s["sigmas"], rtol=1e-6)
+  np.testing.assert_allclose(scheduler.timesteps, s["timesteps"], rtol=1e-6)
+  np.testing.assert_allclose(s["transformer_timestep"][:, 0], s["timesteps"] / 1000, rtol=1e-6)
+  np.testing.assert_allclose(s["step_sigma"], s["sigmas"][:-1], rtol=1e-6)
+  np.testing.assert_allclose(s["step_timestep"], s["timesteps"], rtol=1e-6)
+  np.testing.assert_allclose(s["transformer_guidance"], 3.5)
+  model = flux.FluxTransformer2DModel(cfg.denoiser)
+  context, pooled = jnp.asarray(a["prompt_embeds"]), jnp.asarray(a["pooled_embeds"])
+  state = scheduler.init(packed)
+  for i in range(steps):
+    np.testing.assert_allclose(s["transformer_in"][i], s["init_packed_latents"] if i == 0 else s["step_prev_sample"][i - 1])
+    v = model.apply({"params": sampler.params}, jnp.asarray(s["transformer_in"][i]), context, pooled,
+                    jnp.asarray(s["transformer_timestep"][i]), jnp.asarray(s["img_ids"]), jnp.asarray(s["txt_ids"]),
+                    jnp.asarray(s["transformer_guidance"][i]))
+    np.testing.assert_allclose(v, s["velocity"][i], **TOL)
+    x, state = scheduler.step(state, jnp.asarray(s["velocity"][i]), jnp.int32(i), jnp.asarray(s["transformer_in"][i]))
+    np.testing.assert_allclose(x, s["step_prev_sample"][i], **TOL)
+  out = sampler.generate(context, pooled, flux_sampling.FluxSamplerConfig(steps=steps, guidance=3.5), latents=noise)
+  np.testing.assert_allclose(flux.pack_latents(jnp.asarray(out.latents)), s["final_packed_latents"], atol=1e-4)
+  vae = converted["vae_cfg"]
+  np.testing.assert_allclose(out.latents / vae.scaling_factor + vae.shift_factor,
+                             s["vae_decoder_in"].transpose(0, 2, 3, 1), atol=1e-4)
+  decoded = vae_kl.AutoencoderKL(vae).apply({"params": sampler.vae_params}, jnp.asarray(s["vae_decoder_in"].transpose(0, 2, 3, 1)),
+                                            method="decode")
+  np.testing.assert_allclose(decoded, s["decoded"].transpose(0, 2, 3, 1), atol=1e-4)
+  np.testing.assert_allclose(out.images, s["image_float"], atol=1e-4)
+  assert np.abs(np.round(255 * out.images).astype(int) - s["image_uint8"]).max() <= 1
+
+
+@pytest.mark.slow   # orbax save + restore of three checkpoints
+def test_convert_cli_writes_a_loadable_directory(tmp_path, converted):
+  dirs, _ = release_dirs(str(tmp_path))
+  dst = str(tmp_path / "out")
+  report = convert_uniworld.convert_cli("v1", dirs["uniworld"], dst, {"flux": dirs["flux"], "siglip": dirs["siglip"],
+                                                                       "task_head": None}, False)
+  assert report["sources"]["t5"] == [] and report["sources"]["clip"] == []   # no text encoders in this FLUX dir
+  loaded = unimm_jax.load(dst)
+  assert loaded.family == "uniworld" and loaded.config == converted["cfg"]
+  np.testing.assert_array_equal(loaded.params["denoise_projector"]["layers_0"]["kernel"],
+                                converted["params"]["denoise_projector"]["layers_0"]["kernel"])
+  assert unimm_jax.load(os.path.join(dst, "vae")).family == "vae_kl"
+  for name in ("scheduler_config.json", "tokenizer.json", "chat_template.json", "preprocessor_config.json"):
+    assert os.path.isfile(os.path.join(dst, name)), name
+  with pytest.raises(ConversionError):   # an existing destination is left as it is without --overwrite
+    convert_uniworld.convert_cli("v1", dirs["uniworld"], dst, {"flux": dirs["flux"], "siglip": dirs["siglip"]}, False)

@@ -70,7 +70,6 @@ def parts(cfg: uniworld.UniWorldConfig, vae_cfg: vae_kl.AutoencoderKLConfig) -> 
 FAMILY = Family(
     name="uniworld", config_cls=uniworld.UniWorldConfig, module=uniworld.UniWorld,
     example_inputs=uniworld.example_inputs, rules=lambda cfg: RULES, ignore=ignore,
-    pipeline="unimm_jax.sampling.uniworld:load",
     reference=Reference(
         flag="uniworld", help="UniWorld release (v1) in --src (the LanguageBind/UniWorld-V1 directory), with "
         "--flux and --siglip [--task_head]", convert="unimm_jax.convert.uniworld:convert_cli",
