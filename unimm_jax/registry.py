@@ -32,6 +32,7 @@ FAMILIES: dict[str, str] = {
     "internvl": "unimm_jax.convert.maps.internvl:FAMILY",
     "internvl_chat": "unimm_jax.convert.maps.internvl:FAMILY_ORIGINAL",
     "ming": "unimm_jax.convert.maps.ming:FAMILY",
+    "uniworld": "unimm_jax.convert.maps.uniworld:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task
