@@ -31,6 +31,7 @@ FAMILIES: dict[str, str] = {
     "flux": "unimm_jax.convert.maps.flux:FAMILY",
     "internvl": "unimm_jax.convert.maps.internvl:FAMILY",
     "internvl_chat": "unimm_jax.convert.maps.internvl:FAMILY_ORIGINAL",
+    "ovis_u1": "unimm_jax.convert.maps.ovis_u1:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task
