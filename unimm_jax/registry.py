@@ -33,6 +33,7 @@ FAMILIES: dict[str, str] = {
     "internvl_chat": "unimm_jax.convert.maps.internvl:FAMILY_ORIGINAL",
     "ming": "unimm_jax.convert.maps.ming:FAMILY",
     "uniworld": "unimm_jax.convert.maps.uniworld:FAMILY",
+    "ovis_u1": "unimm_jax.convert.maps.ovis_u1:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task

@@ -83,6 +83,16 @@ def trailing_ones(n: int) -> Transform:
   return Transform(f"trailing_ones({n})", forward, lambda y: y.reshape(*y.shape, *(1,) * n))
 
 
+def _drop_batch_axis(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if x.shape[:1] != (1,):
+    raise ValueError(f"expected a leading axis of 1 (a [1, ...] table), got {x.shape}")
+  return x[0]
+
+
+# [1, n, d] -> [n, d]: a position table stored with a batch axis (Ovis-U1's AIMv2 pos_embed)
+drop_batch_axis = Transform("drop_batch_axis", _drop_batch_axis, lambda y: y[None])
+
+
 def _pointwise(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
   if x.shape[2:] != (1, 1):
     raise ValueError(f"expected a 1x1 conv weight [o i 1 1], got {x.shape}")
