@@ -22,7 +22,9 @@ from unimm_jax.convert.errors import ConversionError
 from unimm_jax.data.qwen_vl import pack_vision
 from unimm_jax.layers.modulation import timestep_features
 from unimm_jax.layers.rope import rope_angles_axes
-from unimm_jax.models import ovis_u1, qwen
+from unimm_jax.models import flux, ovis_u1, qwen
+from unimm_jax.sampling import flow
+from unimm_jax.sampling import ovis_u1 as ovis_sampling
 from unimm_jax.models.qwen_vit import vision_rope_angles
 from unimm_jax.sampling.text import generate_from_embeddings
 from unimm_jax.sampling.vlm import expand_placeholders
@@ -271,3 +273,53 @@ def test_bad_inputs_are_named(converted, release, tmp_path):
   (broken / "model.safetensors.index.json").write_text(json.dumps(index))
   with pytest.raises(ConversionError, match="head_norm/bias"):
     hf.convert_hf(str(broken))
+
+
+def nhwc(a: np.ndarray) -> jax.Array:
+  return jnp.asarray(np.transpose(a, (0, 2, 3, 1)))
+
+
+def nchw(a) -> np.ndarray:
+  return np.transpose(np.asarray(a), (0, 3, 1, 2))
+
+
+@pytest.mark.slow   # ~20 s for both: the default set of this file already takes ~60 s
+@pytest.mark.parametrize("name", ["t2i", "edit"])
+def test_case_d_every_sampling_step(converted, name):
+  """The whole sampling loop from the injected noise: schedule, every step's latents and branch velocities, the
+  final latents, the decoder input and output, the uint8 image (the README's sampling tolerances)."""
+  cfg, params = converted
+  z = case(f"d_{name}_sampling")
+  sampler = ovis_sampling.OvisImageSampler(ovis_u1.OvisU1(cfg), params)
+  noise = nhwc(z["noise_nchw"])
+  steps, n = z["step_x"].shape[0], z["step_x"].shape[2]
+  np.testing.assert_allclose(ovis_sampling.schedule(steps, n, cfg.generator), z["timesteps"], rtol=0, atol=1e-6)
+  if name == "t2i":
+    branches = [ovis_sampling.Branch(jnp.asarray(z["txt_cond"])), ovis_sampling.Branch(jnp.asarray(z["txt_uncond"]))]
+    weights, names = flow.text_guidance(5.0), ("step_v_cond", "step_v_uncond")
+  else:
+    post = sampler._encode(params, nhwc(z["vae_pixel_values_source"]))
+    close(nchw(post.mean), z["vae_cond_posterior_mean"], "vae_cond_posterior_mean")
+    close(nchw(post.std), z["vae_cond_posterior_std"], "vae_cond_posterior_std")
+    cond = sampler.vae_condition(nhwc(z["vae_pixel_values_source"]), nhwc(z["vae_cond_eps"]))
+    close(cond, z["vae_cond_tokens"], "vae_cond_tokens")
+    np.testing.assert_array_equal(flux.image_ids(*noise.shape[1:3], frame=1), z["vae_cond_img_ids"][0])
+    branches = [ovis_sampling.Branch(jnp.asarray(z[f"{b}_llm_txt_cond"]), c)
+                for b, c in (("cond", cond), ("no_txt", cond), ("no_both", None))]
+    weights, names = flow.image_text_guidance(6.0, 1.5), ("step_v_full", "step_v_no_txt", "step_v_no_both")
+  np.testing.assert_array_equal(flux.image_ids(*noise.shape[1:3]), z["img_ids"][0])
+  # the stored schedule (float32 in the original), as the README advises, so the steps compare one to one
+  out = sampler.sample(noise, branches, weights, z["timesteps"])
+  np.testing.assert_allclose(out.times, z["step_t"], rtol=0, atol=0)
+  rel = lambda got, want, what: np.testing.assert_allclose(  # noqa: E731
+      got, want, rtol=0, atol=2e-4 * np.max(np.abs(want)), err_msg=what)
+  rel(np.stack(out.x), z["step_x"], "step_x")
+  for i, key in enumerate(names):
+    close(np.stack([v[i] for v in out.velocities]), z[key], key)
+  rel(out.final, z["final_latent_tokens"], "final_latent_tokens")
+  latent = flux.unpack_latents(out.final, *noise.shape[1:3]) / cfg.vae.scaling_factor
+  rel(nchw(latent), z["decoder_input_nchw"], "decoder_input_nchw")
+  raw, image = sampler.decode(out.final, *noise.shape[1:3])
+  np.testing.assert_allclose(nchw(raw), z["decoder_output_nchw"], rtol=0, atol=2e-4)
+  diff = np.abs(image[0].astype(np.int32) - z["final_image_uint8_hwc"])
+  assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"uint8 image: max {diff.max()}, {(diff > 0).sum()} pixels off"
