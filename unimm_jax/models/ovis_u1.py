@@ -32,7 +32,7 @@ from unimm_jax.data.qwen_vl import pack_vision
 from unimm_jax.layers import DenseGeneral
 from unimm_jax.layers.embed import scatter_placeholders
 from unimm_jax.layers.norms import LayerNorm
-from unimm_jax.models import qwen
+from unimm_jax.models import qwen, vae_kl, yak
 from unimm_jax.models.aimv2 import Aimv2VisionConfig, Aimv2VisionModel
 from unimm_jax.models.config import DictConfig
 
@@ -48,6 +48,8 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_imp
 class OvisU1Config(DictConfig):
   llm: qwen.QwenConfig
   vision: Aimv2VisionConfig
+  generator: yak.YakConfig                   # the image decoder (models/yak.py) ...
+  vae: vae_kl.AutoencoderKLConfig            # ... over the SDXL VAE
   visual_vocab: int = 65536               # v: the head predicts v - 4 words, the last 4 vte rows are indicators
   head_norm_eps: float = 1e-5
   # Runtime choices, applied to every tower (they change speed and memory, never the numbers).
@@ -61,6 +63,15 @@ class OvisU1Config(DictConfig):
     runtime = {k: getattr(self, k) for k in RUNTIME_FIELDS}
     object.__setattr__(self, "llm", dataclasses.replace(self.llm, **runtime))   # frozen: set once, here
     object.__setattr__(self, "vision", dataclasses.replace(self.vision, **runtime))
+    object.__setattr__(self, "generator", dataclasses.replace(
+        self.generator, **{k: runtime[k] for k in ("dtype", "param_dtype", "attention_impl")}))
+    object.__setattr__(self, "vae", dataclasses.replace(self.vae, dtype=self.dtype, param_dtype=self.param_dtype))
+    if self.generator.context_dim != 2 * self.llm.embed:
+      raise ValueError(f"OvisU1Config: generator.context_dim {self.generator.context_dim} must be 2 x llm.embed "
+                       f"({2 * self.llm.embed}): the condition is cat(hidden_states[-1], hidden_states[-2])")
+    if self.generator.in_channels != 4 * self.vae.latent_channels:
+      raise ValueError(f"OvisU1Config: generator.in_channels {self.generator.in_channels} must be 4 x the VAE's "
+                       f"{self.vae.latent_channels} latent channels (2x2 packing)")
     if self.vision.use_head or not self.vision.rope or self.vision.posemb != "learned":
       raise ValueError("OvisU1Config: the visual tokenizer's AIMv2 has no pooling head, 2D RoPE and a learned "
                        f"position table (got use_head={self.vision.use_head}, rope={self.vision.rope}, "
@@ -81,7 +92,8 @@ class OvisU1Config(DictConfig):
     """AIDC-AI/Ovis-U1-3B config.json (shared/fixtures/ovis_u1/README.md 3.1): Qwen3-1.7B, AIMv2-large-448
     with every block attending over the whole image (fullatt_block_indexes null), v = 65536."""
     vision = Aimv2VisionConfig.large_patch14(448, use_head=False, posemb_resize="two_dim", rope=True)
-    return cls(llm=qwen.QwenConfig.qwen3_1_7b(), vision=vision, **kw)
+    return cls(llm=qwen.QwenConfig.qwen3_1_7b(), vision=vision, generator=yak.YakConfig(),
+               vae=vae_kl.preset("sdxl"), **kw)
 
   @classmethod
   def tiny(cls, **kw) -> "OvisU1Config":
@@ -89,7 +101,8 @@ class OvisU1Config(DictConfig):
     vision = Aimv2VisionConfig(embed=48, depth=3, heads=4, mlp=96, image_size=56, use_head=False,
                                posemb_resize="two_dim", rope=True, window_size=56, fullatt_blocks=(1,))
     llm = qwen.QwenConfig.qwen3_1_7b(vocab=175, embed=64, mlp=128, depth=2, heads=4, kv_heads=2, head_dim=16)
-    return cls(llm=llm, vision=vision, **{**dict(visual_vocab=40), **kw})
+    vae = vae_kl.AutoencoderKLConfig(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, scaling_factor=0.13025)
+    return cls(llm=llm, vision=vision, generator=yak.YakConfig.tiny(), vae=vae, **{**dict(visual_vocab=40), **kw})
 
 
 def _vision_config_from_hf(vt: Mapping[str, Any]) -> Aimv2VisionConfig:
@@ -121,7 +134,7 @@ def config_from_hf(hf: Mapping[str, Any] | Any) -> OvisU1Config:
   d = hf if isinstance(hf, Mapping) else hf.to_dict()
   if d.get("model_type") != MODEL_TYPE:
     raise ValueError(f"unsupported model_type {d.get('model_type')!r}; supported: ('{MODEL_TYPE}',)")
-  for part in ("llm_config", "visual_tokenizer_config"):
+  for part in ("llm_config", "visual_tokenizer_config", "visual_generator_config"):
     if not isinstance(d.get(part), Mapping):
       raise ValueError(f"ovis_u1 config.json: missing {part!r}")
   vt = d["visual_tokenizer_config"]
@@ -130,7 +143,11 @@ def config_from_hf(hf: Mapping[str, Any] | Any) -> OvisU1Config:
   llm = qwen.config_from_hf(d["llm_config"])
   if d.get("disable_tie_weight"):
     llm = dataclasses.replace(llm, tie_embeddings=False)
-  return OvisU1Config(llm=llm, vision=_vision_config_from_hf(vt), visual_vocab=int(vt["vocab_size"]))
+  gen = d["visual_generator_config"]
+  if not isinstance(gen.get("vae_config"), Mapping):
+    raise ValueError("ovis_u1 config.json: missing 'visual_generator_config.vae_config'")
+  return OvisU1Config(llm=llm, vision=_vision_config_from_hf(vt), generator=yak.config_from_hf(gen),
+                      vae=vae_kl.config_from_diffusers(gen["vae_config"]), visual_vocab=int(vt["vocab_size"]))
 
 
 @flax.struct.dataclass
@@ -180,6 +197,8 @@ class OvisU1(nn.Module):
     self.vte = self.param("vte", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
                           (cfg.visual_vocab, cfg.llm.embed), jnp.dtype(cfg.param_dtype))
     self.llm = qwen.Qwen(cfg.llm)
+    self.visual_generator = yak.YakTransformer(cfg.generator)
+    self.vae = vae_kl.AutoencoderKL(cfg.vae)
 
   def visual_embeds(self, vision: VisionInputs) -> jax.Array:
     """[n d] = probabilities @ vte (VisualEmbedding), in fp32."""
@@ -207,13 +226,27 @@ class OvisU1(nn.Module):
 
   def __call__(self, input_ids: jax.Array, vision: VisionInputs | None = None, **decoder_kwargs) -> qwen.DecoderOutput:
     """decoder_kwargs as models/qwen.Qwen (segment_ids, positions, cache, return_hidden_states, ...)."""
+    if self.is_initializing():   # one init builds every part: the decoder and the VAE run through other methods
+      self.velocity(*generator_example(self.cfg))
+      self.vae(jnp.zeros((1, self.cfg.vae.spatial_downscale, self.cfg.vae.spatial_downscale, self.cfg.vae.in_channels)))
     return self.llm(inputs_embeds=self.embed(input_ids, vision), **decoder_kwargs)
+
+  def velocity(self, img: jax.Array, img_ids: jax.Array, txt: jax.Array, timesteps: jax.Array,
+               cond: jax.Array | None = None, cond_ids: jax.Array | None = None) -> jax.Array:
+    """The decoder's velocity (models/yak.YakTransformer) for the condition `txt` of `condition`."""
+    return self.visual_generator(img, img_ids, txt, timesteps, cond, cond_ids)
 
   def condition(self, input_ids: jax.Array, vision: VisionInputs | None = None, **decoder_kwargs) -> jax.Array:
     """The generator's text condition [b t 2d] = cat(hidden_states[-1], hidden_states[-2]) (generate_condition):
     the final-normed last layer and the raw output of the layer before it, over every position."""
     out = self(input_ids, vision, return_hidden_states=True, return_logits=False, **decoder_kwargs)
     return jnp.concatenate([out.hidden_states[-1], out.hidden_states[-2]], axis=-1)
+
+
+def generator_example(cfg: OvisU1Config) -> tuple:
+  """Decoder inputs that build all of its params: one latent token and one condition token."""
+  g = cfg.generator
+  return (jnp.zeros((1, 1, g.in_channels)), jnp.zeros((1, 3)), jnp.zeros((1, 1, g.context_dim)), jnp.zeros((1,)))
 
 
 # ----------------------------------------------------------------------------------------------
