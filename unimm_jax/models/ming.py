@@ -131,12 +131,15 @@ class Ming(nn.Module):
     self.query_tokens = {f"{s}x{s}": self.param(f"query_tokens_{s}x{s}", init, (s * s, d)) for s in cfg.scales}
     self.mlp = CaptionMLP(cfg)
 
-  def image_embeds(self, vision: qwen_vl.VisionInputs) -> jax.Array:
-    """Packed images -> [n d]: L2norm(linear_proj(merged ViT tokens)) in placeholder order."""
+  def image_features(self, vision: qwen_vl.VisionInputs) -> jax.Array:
+    """Packed images -> [n d]: linear_proj(merged ViT tokens) in placeholder order (before the L2 norm)."""
     out = self.visual(vision.patches, vision.positions, vision.frame_ids, vision.window_ids).pooler_output
     features = jnp.take(out.reshape(-1, out.shape[-1]), vision.image_tokens, axis=0)
-    h = self.linear_proj_2(activation("gelu")(self.linear_proj_0(features)))
-    return l2_normalize(h)
+    return self.linear_proj_2(activation("gelu")(self.linear_proj_0(features)))
+
+  def image_embeds(self, vision: qwen_vl.VisionInputs) -> jax.Array:
+    """What the image slots hold: L2norm(image_features) [n d]."""
+    return l2_normalize(self.image_features(vision))
 
   def embed(self, input_ids: jax.Array, vision: qwen_vl.VisionInputs | None = None, *,
             with_queries: bool = True) -> jax.Array:
