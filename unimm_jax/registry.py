@@ -34,6 +34,7 @@ FAMILIES: dict[str, str] = {
     "ming": "unimm_jax.convert.maps.ming:FAMILY",
     "uniworld": "unimm_jax.convert.maps.uniworld:FAMILY",
     "ovis_u1": "unimm_jax.convert.maps.ovis_u1:FAMILY",
+    "openuni": "unimm_jax.convert.maps.openuni:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task
