@@ -30,10 +30,9 @@ import numpy as np
 from unimm_jax.data.qwen_vl import pack_vision
 from unimm_jax.layers import DenseGeneral, LayerNorm, activation, scatter_placeholders
 from unimm_jax.models import qwen, qwen_vit, qwen_vl
-from unimm_jax.models.config import DictConfig
+from unimm_jax.models.config import DictConfig, push_runtime
 from unimm_jax.models.qwen_vit import QwenVisionConfig
 
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl")
 MROPE_SECTIONS = (16, 24, 24)   # hard-coded in the reference's LLM constructor, whatever its config says
 
 
@@ -58,9 +57,7 @@ class MingConfig(DictConfig):
   attention_impl: str = "auto"
 
   def __post_init__(self):
-    runtime = {k: getattr(self, k) for k in RUNTIME_FIELDS}
-    for part in ("vision", "text", "connector"):
-      object.__setattr__(self, part, dataclasses.replace(getattr(self, part), **runtime))  # frozen: set once, here
+    push_runtime(self, ("vision", "text", "connector"))
     if self.text.mrope_sections is None:
       raise ValueError("MingConfig: the MLLM decoder needs mrope_sections (M-RoPE)")
     if self.connector.mrope_sections is not None:

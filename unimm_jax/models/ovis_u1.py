@@ -34,14 +34,13 @@ from unimm_jax.layers.embed import scatter_placeholders
 from unimm_jax.layers.norms import LayerNorm
 from unimm_jax.models import qwen, vae_kl, yak
 from unimm_jax.models.aimv2 import Aimv2VisionConfig, Aimv2VisionModel
-from unimm_jax.models.config import DictConfig
+from unimm_jax.models.config import DictConfig, push_runtime
 
 MODEL_TYPE = "ovis_u1"
 IMAGE_ATOM_ID = -300                          # one per image in the prompt; replaced by all its visual embeddings
 IMAGE_INDICATOR_IDS = (-301, -302, -303, -304)
 IMAGE_PLACEHOLDER = (-301, -300, -302)        # what `<image>` tokenizes to
 INDICATORS = len(IMAGE_INDICATOR_IDS)
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +59,9 @@ class OvisU1Config(DictConfig):
   attention_impl: str = "auto"
 
   def __post_init__(self):
-    runtime = {k: getattr(self, k) for k in RUNTIME_FIELDS}
-    object.__setattr__(self, "llm", dataclasses.replace(self.llm, **runtime))   # frozen: set once, here
-    object.__setattr__(self, "vision", dataclasses.replace(self.vision, **runtime))
-    object.__setattr__(self, "generator", dataclasses.replace(
-        self.generator, **{k: runtime[k] for k in ("dtype", "param_dtype", "attention_impl")}))
-    object.__setattr__(self, "vae", dataclasses.replace(self.vae, dtype=self.dtype, param_dtype=self.param_dtype))
+    push_runtime(self, ("llm", "vision"))
+    push_runtime(self, ("generator",), ("dtype", "param_dtype", "attention_impl"))
+    push_runtime(self, ("vae",), ("dtype", "param_dtype"))
     if self.generator.context_dim != 2 * self.llm.embed:
       raise ValueError(f"OvisU1Config: generator.context_dim {self.generator.context_dim} must be 2 x llm.embed "
                        f"({2 * self.llm.embed}): the condition is cat(hidden_states[-1], hidden_states[-2])")
