@@ -23,7 +23,7 @@ import numpy as np
 
 from unimm_jax.data.internvl import IMAGENET_MEAN, IMAGENET_STD, TilingProcessor
 from unimm_jax.models.openuni import OpenUni, OpenUniConfig
-from unimm_jax.sampling import sana as sana_sampling
+from unimm_jax.sampling import sana as sana_sampling, vlm
 from unimm_jax.sampling.dpm_solver import DPMSolverMultistep
 from unimm_jax.sampling.internvl import InternVLChat
 
@@ -138,12 +138,7 @@ class OpenUniPipeline:
 
   def read_image(self, path: str) -> np.ndarray:
     """An image file as uint8 RGB [H W 3]."""
-    from PIL import Image
-    try:
-      with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-    except OSError as e:
-      raise ValueError(f"{path}: cannot read the image: {e}") from None
+    return vlm.read_rgb(path)
 
   def prompt_embeds(self, texts: Sequence[str], images: np.ndarray | None = None) -> jax.Array:
     """Prompt strings (already templated) [+ one uint8 source image per prompt] -> SANA prompt_embeds [b q k]."""
