@@ -43,4 +43,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                  end_lr_frac=0.0, b1=0.9, b2=0.95, weight_decay=0.05, clip_norm=1.0, ema_decay=0.0)
   c.checkpoint.every = v.get("checkpoint_every", c.checkpoint.every)
   c.log_every = v.get("log_every", c.log_every)
+  if arg == "tiny":   # data parallel: fsdp would replicate most of the tiny DC-AE's small kernels anyway
+    c.mesh.ici = (-1, 1, 1)
   return c

@@ -28,6 +28,28 @@ def normalizers(batch: Batch) -> dict[str, jax.Array]:
   return {"examples": jnp.float32(batch["input_ids"].shape[0])}
 
 
+def draw(rng: jax.Array, cfg: openuni.OpenUniConfig, images_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """diff_loss's randoms from the step's rng: eps ~ N(0, 1) at the DC-AE latents' shape [b h w c] of images
+  [b H W 3], u [b] ~ U[0, 1)."""
+  b, height, width, _ = images_shape
+  f = cfg.vae.spatial_downscale
+  k_noise, k_u = jax.random.split(rng)
+  noise = jax.random.normal(k_noise, (b, height // f, width // f, cfg.vae.latent_channels), jnp.float32)
+  return noise, jax.random.uniform(k_u, (b,))
+
+
+def per_example_loss(module: openuni.OpenUni, params: Params, batch: Batch, noise: jax.Array, u: jax.Array
+                     ) -> jax.Array:
+  """text2image_loss before its batch mean, given diff_loss's randoms: batch ids / mask [b t], images [b S S 3] in
+  [-1, 1]; noise [b h w c] and u [b] as `draw` makes them (or as the original drew them) -> loss [b]."""
+  p = {"params": params}
+  x0 = jax.lax.stop_gradient(module.apply(p, batch["images"], method=openuni.OpenUni.encode))
+  timestep, _, noisy, target = openuni.flow_training_inputs(x0, noise, u)
+  embeds = module.apply(p, batch["input_ids"], batch["attention_mask"], method=openuni.OpenUni.condition).prompt_embeds
+  pred = module.apply(p, noisy, embeds, timestep, method=openuni.OpenUni.velocity)
+  return jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+
+
 def build(config: ml_collections.ConfigDict) -> Task:
   cfg = openuni.OpenUniConfig.from_dict(config.model.to_dict())
   stage = str(config.stage)
@@ -40,16 +62,8 @@ def build(config: ml_collections.ConfigDict) -> Task:
     return module.init(rng, *openuni.example_inputs(cfg))["params"]
 
   def loss_fn(params: Params, batch: Batch, rng: jax.Array, norms: Mapping[str, jax.Array]):
-    p = {"params": params}
-    x0 = jax.lax.stop_gradient(module.apply(p, batch["images"], method=openuni.OpenUni.encode))
-    k_noise, k_u = jax.random.split(rng)
-    noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-    u = jax.random.uniform(k_u, (x0.shape[0],))
-    timestep, _, noisy, target = openuni.flow_training_inputs(x0, noise, u)
-    embeds = module.apply(p, batch["input_ids"], batch["attention_mask"], method=openuni.OpenUni.condition).prompt_embeds
-    pred = module.apply(p, noisy, embeds, timestep, method=openuni.OpenUni.velocity)
-    per = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))   # flow_loss before its batch mean
-    loss = jnp.sum(per) / norms["examples"]
+    noise, u = draw(rng, cfg, batch["images"].shape)
+    loss = jnp.sum(per_example_loss(module, params, batch, noise, u)) / norms["examples"]
     return loss, {"flow_loss": loss}
 
   def load_params(path: str) -> Params:

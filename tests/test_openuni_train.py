@@ -1,0 +1,75 @@
+"""OpenUni training (task "openuni", configs/openuni.py): the task's loss is the original's text2image_loss on the
+fixture's case d batch, and each stage keeps its frozen parts out of the optimizer state."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_openuni import FIX, config_of_fixture, fixture, nhwc
+
+from configs import openuni as openuni_configs
+from unimm_jax import sharding
+from unimm_jax.convert import openuni as convert_openuni
+from unimm_jax.training import openuni_task, optim, trainer
+
+
+def setup(stage: str, model=None) -> trainer.Setup:
+  config = openuni_configs.get_config("tiny")
+  config.stage = stage
+  if model is not None:
+    config.model = model
+  mesh = sharding.make_mesh(tuple(config.mesh.ici), tuple(config.mesh.dcn))
+  rules = sharding.rules_from_config(config.sharding.rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    return trainer.build(config, mesh, rules)
+
+
+@pytest.mark.parametrize("stage, trained", [("pretrain", {"meta_queries", "connector", "projector"}),
+                                            ("finetune", {"meta_queries", "connector", "projector", "transformer"})])
+def test_stages_keep_their_frozen_parts_out_of_the_optimizer_state(stage, trained):
+  s = setup(stage)   # abstract state only: nothing compiles
+  tops = {optim.path_str(kp).split("/")[0] for kp, _ in
+          jax.tree_util.tree_flatten_with_path(s.abstract_state.opt_state)[0]}
+  params = set(s.abstract_state.params)
+  assert params == {"lmm", "meta_queries", "connector", "projector", "transformer", "vae"}
+  assert not tops & (params - trained), tops
+  paths = [optim.path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(s.abstract_state.opt_state)[0]]
+  for part in trained:   # Adam moments of every trained part
+    assert any(f"{part}/" in p or p.endswith(part) for p in paths), part
+  assert not any(f"/{frozen}/" in f"/{p}" for p in paths for frozen in params - trained)
+  assert {p: bool(v) for p, v in zip(params, [any(jax.tree.leaves(s.trainable[k])) for k in params])} == {
+      p: p in trained for p in params}
+
+
+@pytest.mark.slow   # ~40 s: DC-AE encoder, LLM and SANA compile
+def test_task_loss_fn_is_the_fixture_text2image_loss(monkeypatch):
+  """The task's own loss_fn on case d's batch, with diff_loss's randoms as the original drew them."""
+  import json
+  import os
+  with open(os.path.join(FIX, "config.json")) as f:
+    meta = json.load(f)
+  cfg = config_of_fixture(meta)
+  params, _ = convert_openuni.convert_release(os.path.join(FIX, "openuni.safetensors"), cfg)
+  d = fixture("case_d_train_loss")
+  config = openuni_configs.get_config("tiny")
+  config.model = cfg.to_dict()
+  config.data.image_size = cfg.image_size
+  task = openuni_task.build(config)
+  batch = {"input_ids": jnp.asarray(d["t2i_input_ids"], jnp.int32),
+           "attention_mask": jnp.asarray(d["t2i_attention_mask"], jnp.int32),
+           "images": jnp.asarray(d["t2i_images_uint8"].astype(np.float32) / 127.5 - 1)}
+  randoms = (nhwc(d["t2i_noise"]), jnp.asarray(d["t2i_u"]))
+  shapes, ours = [], openuni_task.draw
+
+  def fixture_draw(rng, c, images_shape):
+    shapes.append(ours(rng, c, images_shape)[0].shape)   # our draw has the noise's shape
+    return randoms
+
+  monkeypatch.setattr(openuni_task, "draw", fixture_draw)
+  loss, metrics = jax.jit(task.loss_fn)(params, batch, jax.random.key(0), task.normalizers(batch))
+  assert shapes == [randoms[0].shape]
+  np.testing.assert_allclose(loss, d["t2i_loss"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["flow_loss"], loss, rtol=0)
