@@ -3,6 +3,7 @@ PNG per prompt (and a grid).
 
   python scripts/sample.py --ckpt DIR --prompt "a red circle on the left" [--prompt ...]
       [--size 512x512] [--steps 50] [--guidance 7.5] [--shift 3] [--negative ""] [--seed 0] [--out samples/]
+      [--init-image in.png --strength 0.6]
 Sampling flags left out take the family's defaults (TUNA: 50 steps, guidance 7.5, shift 3).
 """
 
@@ -24,6 +25,7 @@ cli.define_sampling_flags("negative / null prompt for classifier-free guidance")
 flags.DEFINE_multi_string("prompt", None, "prompt (repeat for several images)", required=True)
 flags.DEFINE_string("size", None, "HxW in pixels, a multiple of the token size (default: 32 tokens a side)")
 flags.DEFINE_string("out", "samples", "output directory")
+cli.define_init_flags("image to start every prompt from (image-to-image, with --strength < 1); sets the size")
 
 
 def parse_size(size: str | None, downsample: int) -> tuple[int, int]:
@@ -44,11 +46,18 @@ def main(argv):
   try:
     model = unimm_jax.load_pipeline(FLAGS.ckpt)
     cfg = model.sampler_config(**cli.sampler_overrides(FLAGS))
+    init = None if FLAGS.init_image is None else model.read_image(FLAGS.init_image)
   except (ValueError, OSError, ConversionError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)
   size = parse_size(FLAGS.size, model.downsample)
-  images = model.generate(FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True)
+  if init is not None:
+    if FLAGS.size is not None and init.shape[:2] != size:
+      raise app.UsageError(f"--size {FLAGS.size}: the init image {FLAGS.init_image} is {init.shape[0]}x"
+                           f"{init.shape[1]} pixels (after rounding to the token size); leave --size out")
+    size = init.shape[:2]
+  kw = {} if init is None else {"init_images": [init]}
+  images = model.generate(FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True, **kw)
   os.makedirs(FLAGS.out, exist_ok=True)
   for i, (prompt, img) in enumerate(zip(FLAGS.prompt, images)):
     path = os.path.join(FLAGS.out, f"{i:03d}.png")

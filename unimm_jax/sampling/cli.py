@@ -21,7 +21,14 @@ def define_sampling_flags(negative_help: str, *, image_guidance: bool = False) -
   flags.DEFINE_integer("seed", 0, "noise seed")
 
 
+def define_init_flags(init_help: str) -> None:
+  """--init_image (also spelt --init-image) and --strength: image-to-image from a given image."""
+  flags.DEFINE_string("init_image", None, init_help)
+  flags.DEFINE_alias("init-image", "init_image")
+  flags.DEFINE_float("strength", None, "start point on the time grid: 1 = pure noise (default), 0 = the init image")
+
+
 def sampler_overrides(values: Any) -> dict[str, Any]:
   """The sampling flags given on the command line, for `pipeline.sampler_config(**overrides)`."""
-  names = SAMPLER_FLAGS + (("image_guidance",) if "image_guidance" in values else ())
+  names = SAMPLER_FLAGS + tuple(n for n in ("image_guidance", "strength") if n in values)
   return {n: values[n].value for n in names}
