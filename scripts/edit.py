@@ -31,7 +31,7 @@ def main(argv):
     model = unimm_jax.load_pipeline(FLAGS.ckpt)
     src = model.read_image(FLAGS.image)
     cfg = model.sampler_config(**cli.sampler_overrides(FLAGS))
-    kw = {} if FLAGS.init_image is None else {"init_images": [model.read_image(FLAGS.init_image)]}
+    kw = cli.read_init_image(model, "edit", FLAGS.init_image)
   except (ValueError, OSError, ConversionError) as e:
     print(f"edit: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -26,12 +26,15 @@ flags.DEFINE_multi_string("prompt", None, "prompt (repeat for several images)", 
 flags.DEFINE_string("size", None, "HxW in pixels, a multiple of the token size (default: 32 tokens a side)")
 flags.DEFINE_string("out", "samples", "output directory")
 cli.define_init_flags("image to start every prompt from (image-to-image, with --strength < 1); sets the size")
+flags.DEFINE_bool("all_scales", False, "Ming-Lite-Uni: also write the images of the coarser query scales "
+                  "(NNN_4x4.png, ...), which the original computes and discards")
+flags.DEFINE_alias("all-scales", "all_scales")
 
 
-def parse_size(size: str | None, downsample: int) -> tuple[int, int]:
-  """--size in pixels (default: 32 image tokens a side)."""
+def parse_size(size: str | None, downsample: int, default: tuple[int, int] | None = None) -> tuple[int, int]:
+  """--size in pixels (default: the pipeline's `default_size`, else 32 image tokens a side)."""
   if size is None:
-    return 32 * downsample, 32 * downsample
+    return default or (32 * downsample, 32 * downsample)
   try:
     h, w = (int(v) for v in size.lower().split("x"))
   except ValueError:
@@ -45,18 +48,30 @@ def main(argv):
   del argv
   try:
     model = unimm_jax.load_pipeline(FLAGS.ckpt)
-    cfg = model.sampler_config(**cli.sampler_overrides(FLAGS))
-    init = None if FLAGS.init_image is None else model.read_image(FLAGS.init_image)
+    extra = {"all_scales": True} if FLAGS.all_scales else {}
+    if extra and not hasattr(model, "generate_scales"):
+      raise ValueError(f"{FLAGS.ckpt}: --all_scales is for Ming-Lite-Uni checkpoints (multi-scale queries)")
+    cfg = model.sampler_config(**cli.sampler_overrides(FLAGS), **extra)
+    kw = cli.read_init_image(model, "generate", FLAGS.init_image)
   except (ValueError, OSError, ConversionError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)
-  size = parse_size(FLAGS.size, model.downsample)
-  if init is not None:
+  size = parse_size(FLAGS.size, model.downsample, getattr(model, "default_size", None))
+  if kw:
+    init = kw["init_images"][0]
     if FLAGS.size is not None and init.shape[:2] != size:
       raise app.UsageError(f"--size {FLAGS.size}: the init image {FLAGS.init_image} is {init.shape[0]}x"
                            f"{init.shape[1]} pixels (after rounding to the token size); leave --size out")
     size = init.shape[:2]
-  kw = {} if init is None else {"init_images": [init]}
+  if FLAGS.all_scales:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    for i, (prompt, per_scale) in enumerate(zip(FLAGS.prompt, model.generate_scales(
+        FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True))):
+      for scale, img in per_scale.items():
+        path = os.path.join(FLAGS.out, f"{i:03d}_{scale}.png")
+        Image.fromarray(img).save(path)
+        print(f"{path}\t{prompt}")
+    return
   images = model.generate(FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True, **kw)
   os.makedirs(FLAGS.out, exist_ok=True)
   for i, (prompt, img) in enumerate(zip(FLAGS.prompt, images)):

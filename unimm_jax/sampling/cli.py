@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from absl import flags
@@ -26,6 +27,17 @@ def define_init_flags(init_help: str) -> None:
   flags.DEFINE_string("init_image", None, init_help)
   flags.DEFINE_alias("init-image", "init_image")
   flags.DEFINE_float("strength", None, "start point on the time grid: 1 = pure noise (default), 0 = the init image")
+
+
+def read_init_image(model: Any, method: str, path: str | None) -> dict[str, Any]:
+  """`{"init_images": [image]}` for `model.<method>` from --init-image (empty without it); a clear error for a
+  family whose sampler starts from noise only."""
+  if path is None:
+    return {}
+  if "init_images" not in inspect.signature(getattr(model, method)).parameters:
+    raise ValueError(f"--init-image {path}: {type(model).__name__}.{method} starts from noise only "
+                     "(image-to-image is a TUNA option)")
+  return {"init_images": [model.read_image(path)]}
 
 
 def sampler_overrides(values: Any) -> dict[str, Any]:

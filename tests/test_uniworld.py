@@ -1,0 +1,225 @@
+"""UniWorld-V1 against the golden fixtures of the original PyTorch code (tests/fixtures/uniworld/README.md):
+the checkpoint converted with our converter, then every stored array of the conditioning cases (a) and (b)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+import unimm_jax
+
+from unimm_jax.convert import uniworld as convert_uniworld
+from unimm_jax.convert.errors import ConversionError
+from unimm_jax.data.qwen_vl import QwenVLImageProcessor
+from unimm_jax.models import flux, qwen_vl, uniworld, vae_kl
+from unimm_jax.sampling import flux as flux_sampling
+from unimm_jax.sampling import uniworld as sampling
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "uniworld")
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def fixture(name):
+  return dict(np.load(os.path.join(FIXTURES, name)))
+
+
+def release_dirs(root, with_weights=True):
+  """The fixture laid out as the release directories: UniWorld (config.json + weights + processor), SigLIP
+  (config.json; its weights sit in the bundle as siglip.*), FLUX.1-dev (vae/config.json, scheduler/)."""
+  with open(os.path.join(FIXTURES, "config.json")) as f:
+    c = json.load(f)
+  dirs = {n: os.path.join(root, n) for n in ("uniworld", "siglip", "flux")}
+  for d in (*dirs.values(), os.path.join(dirs["flux"], "vae"), os.path.join(dirs["flux"], "scheduler")):
+    os.makedirs(d, exist_ok=True)
+  for path, content in ((os.path.join(dirs["uniworld"], "config.json"), c["univa_config"]),
+                        (os.path.join(dirs["siglip"], "config.json"), c["siglip_config"]),
+                        (os.path.join(dirs["flux"], "vae", "config.json"), c["flux_vae_config"]),
+                        (os.path.join(dirs["flux"], "scheduler", "scheduler_config.json"), c["flux_scheduler_config"])):
+    with open(path, "w") as f:
+      json.dump(content, f)
+  if with_weights:
+    os.symlink(os.path.join(FIXTURES, "uniworld.safetensors"), os.path.join(dirs["uniworld"], "model.safetensors"))
+  proc = os.path.join(FIXTURES, "qwen_processor")
+  for n in os.listdir(proc):
+    os.symlink(os.path.join(proc, n), os.path.join(dirs["uniworld"], n))
+  return dirs, c
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+  dirs, c = release_dirs(str(tmp_path_factory.mktemp("release")))
+  cfg, params, vae_cfg, vae_params, report = convert_uniworld.convert(dirs["uniworld"], siglip=dirs["siglip"],
+                                                                      flux=dirs["flux"])
+  tok = transformers.AutoTokenizer.from_pretrained(os.path.join(FIXTURES, "qwen_processor"))
+  with open(os.path.join(FIXTURES, "qwen_processor", "chat_template.json")) as f:
+    template = json.load(f)["chat_template"]
+  return dict(dirs=dirs, c=c, cfg=cfg, params=jax.tree.map(jnp.asarray, params), vae_cfg=vae_cfg,
+              vae_params=vae_params, report=report, tok=tok, template=template)
+
+
+def apply(conv, method, *args, **kw):
+  model = uniworld.UniWorld(conv["cfg"])
+  return model.apply({"params": conv["params"]}, *args, method=method, **kw)
+
+
+def test_conversion_reports_sources_and_config(converted):
+  cfg = converted["cfg"]
+  assert cfg.image_end_token_id == 384 and cfg.context_dim == 32 and cfg.siglip.embed == 32
+  assert set(converted["report"]) == {"uniworld", "siglip", "vae"}
+  assert all(p.endswith("model.safetensors") for v in converted["report"].values() for p in v)
+
+
+def test_case_a_text_to_image_conditioning(converted):
+  a, cfg, tok = fixture("case_a_t2i_conditioning.npz"), converted["cfg"], converted["tok"]
+  prompt = converted["c"]["cases"]["prompt"]
+  assert sampling.chat_text(tok, prompt, 0, converted["template"]) == converted["c"]["cases"]["texts"]["a_fed"]
+  ids = np.asarray([sampling.prompt_ids(tok, cfg, prompt, [], converted["template"])])
+  np.testing.assert_array_equal(ids, a["input_ids"])
+  np.testing.assert_array_equal(np.ones_like(ids), a["attention_mask"])
+  kw = qwen_vl.prepare(ids, cfg.vlm)
+  np.testing.assert_array_equal(np.moveaxis(np.asarray(kw["positions"]), -1, 0), a["lm_position_ids"])
+  model = uniworld.UniWorld(cfg)
+  variables = {"params": converted["params"]}
+  emb = model.apply(variables, ids, method=lambda m, i: m.vlm.embed(i))
+  np.testing.assert_allclose(emb, a["lm_inputs_embeds"], **TOL)
+  out = model.apply(variables, ids, positions=kw["positions"], method=lambda m, i, positions: m.vlm(i, positions=positions))
+  np.testing.assert_allclose(out.last_hidden_state, a["lm_last_hidden"], **TOL)
+  np.testing.assert_allclose(out.logits[:, -1:], a["lm_logits_last"], **TOL)
+  proj = model.apply(variables, jnp.asarray(a["lm_last_hidden"]), method=lambda m, h: m.denoise_projector(h))
+  np.testing.assert_allclose(proj, a["denoise_projector_out"], **TOL)
+  embeds = model.apply(variables, ids, positions=kw["positions"], method=uniworld.UniWorld.denoise_embeds)
+  np.testing.assert_allclose(embeds, a["denoise_projector_out"], **TOL)
+  np.testing.assert_allclose(embeds, a["vlm_embeds"], **TOL)
+  joined = sampling.join_t5(a["t5_embeds"], embeds)
+  np.testing.assert_allclose(joined, a["prompt_embeds"], **TOL)
+
+
+def test_case_b_edit_conditioning_with_siglip_insertion(converted):
+  b, cfg, tok, c = fixture("case_b_edit_conditioning.npz"), converted["cfg"], converted["tok"], converted["c"]
+  proc = QwenVLImageProcessor.from_hf(c["qwen_image_processor"])
+  patches, grid = proc(b["ref_image_uint8"][0])
+  np.testing.assert_allclose(patches, b["pixel_values"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal([grid], b["image_grid_thw"])
+  tokens = grid[0] * grid[1] * grid[2] // cfg.vlm.vision.merge ** 2
+  ids = np.asarray([sampling.prompt_ids(tok, cfg, c["cases"]["edit_prompt"], [tokens], converted["template"])])
+  np.testing.assert_array_equal(ids, b["input_ids"])
+  np.testing.assert_array_equal(np.ones_like(ids), b["attention_mask"])
+  kw = qwen_vl.prepare(ids, cfg.vlm, pixel_values=patches, image_grid_thw=[grid])
+  np.testing.assert_array_equal(np.moveaxis(np.asarray(kw["positions"]), -1, 0), b["lm_position_ids"])
+  np.testing.assert_array_equal(kw["deltas"][:, None], b["rope_deltas"])
+  model, variables = uniworld.UniWorld(cfg), {"params": converted["params"]}
+  vision = kw["vision"]
+  visual = model.apply(variables, method=lambda m: m.vlm.visual(vision.patches, vision.positions, vision.frame_ids,
+                                                                vision.window_ids).pooler_output)
+  visual = np.asarray(visual).reshape(-1, visual.shape[-1])[np.asarray(vision.image_tokens)]
+  np.testing.assert_allclose(visual, b["visual_out"], **TOL)
+  emb = model.apply(variables, ids, vision, method=lambda m, i, v: m.vlm.embed(i, v))
+  np.testing.assert_allclose(emb, b["lm_inputs_embeds"], **TOL)
+  hidden = model.apply(variables, ids, vision, positions=kw["positions"], method=uniworld.UniWorld.hidden)
+  np.testing.assert_allclose(hidden, b["lm_last_hidden"], **TOL)
+  proj = model.apply(variables, hidden, method=lambda m, h: m.denoise_projector(h))
+  np.testing.assert_allclose(proj, b["denoise_projector_out"], **TOL)
+  size = tuple(c["siglip_processor"]["size"][k] for k in ("height", "width"))
+  sig = sampling.siglip_pixels(b["ref_image_uint8"][0], size)[None]
+  np.testing.assert_allclose(sig, b["siglip_pixel_values"].transpose(0, 2, 3, 1), atol=1e-6)
+  last = model.apply(variables, jnp.asarray(sig), method=lambda m, x: m.siglip(x).last_hidden_state)
+  np.testing.assert_allclose(last, b["siglip_last_hidden"], **TOL)
+  feats = model.apply(variables, jnp.asarray(sig), method=uniworld.UniWorld.siglip_features)
+  np.testing.assert_allclose(feats, b["siglip_projector_out"], **TOL)
+  insertion = uniworld.siglip_insertion(ids, cfg.image_end_token_id, 1, cfg.siglip_tokens)
+  embeds = model.apply(variables, ids, vision, positions=kw["positions"], siglip_pixels=jnp.asarray(sig),
+                       insertion=insertion, method=uniworld.UniWorld.denoise_embeds)
+  np.testing.assert_allclose(embeds, b["vlm_embeds"], **TOL)
+  np.testing.assert_allclose(sampling.join_t5(b["t5_embeds"], embeds), b["prompt_embeds"], **TOL)
+
+
+def test_siglip_insertion_left_pads_and_orders_images_row_major():
+  end = 9
+  ids = np.asarray([[1, end, 2, end], [3, 4, 5, 6]])
+  ins = uniworld.siglip_insertion(ids, end, 2, 2)
+  # rows of [8 text tokens; 2 images x 2 tokens; zero row 12]
+  np.testing.assert_array_equal(ins.index, [[0, 8, 9, 1, 2, 10, 11, 3], [12, 12, 12, 12, 4, 5, 6, 7]])
+  np.testing.assert_array_equal(ins.mask, [[1] * 8, [0] * 4 + [1] * 4])
+  with pytest.raises(ValueError, match="1 reference image.*2 <\\|vision_end"):
+    uniworld.siglip_insertion(ids, end, 1, 2)
+
+
+def test_conversion_names_missing_sources(tmp_path):
+  dirs, _ = release_dirs(str(tmp_path), with_weights=False)
+  os.symlink(os.path.join(FIXTURES, "uniworld.safetensors"), os.path.join(dirs["uniworld"], "model.safetensors"))
+  dst = str(tmp_path / "out")
+  with pytest.raises(ConversionError, match="--flux"):
+    convert_uniworld.convert_cli("v1", dirs["uniworld"], dst, {"flux": None, "siglip": dirs["siglip"]}, False)
+  with pytest.raises(ConversionError, match="task_head"):
+    convert_uniworld.convert(dirs["uniworld"], siglip=dirs["siglip"], flux=dirs["flux"],
+                             task_head=os.path.join(FIXTURES, "uniworld.safetensors"))
+  assert not os.path.exists(dst)
+
+
+@pytest.mark.parametrize("case, cond", [("case_c_t2i_sampling.npz", "case_a_t2i_conditioning.npz"),
+                                        pytest.param("case_d_edit_sampling.npz", "case_b_edit_conditioning.npz",
+                                                     marks=pytest.mark.slow)])
+def test_flux_sampling_every_step_and_decode(converted, case, cond):
+  """Cases c / d: the schedule, each step's transformer call on the stored input (velocity) and Euler step, then
+  the whole chain from the stored noise to the final latents, the VAE input, the decoded and the uint8 image."""
+  s, a, cfg = fixture(case), fixture(cond), converted["cfg"]
+  steps = len(s["timesteps"])
+  sampler = flux_sampling.FluxSampler(flux.FluxTransformer2DModel(cfg.denoiser), converted["params"]["denoiser"],
+                                      converted["c"]["flux_scheduler_config"], vae_kl.AutoencoderKL(converted["vae_cfg"]),
+                                      jax.tree.map(jnp.asarray, converted["vae_params"]))
+  noise = jnp.asarray(s["init_latents_unpacked"].transpose(0, 2, 3, 1))
+  packed = flux.pack_latents(noise)
+  np.testing.assert_allclose(packed, s["init_packed_latents"], atol=0)
+  h, w = noise.shape[1:3]
+  np.testing.assert_array_equal(flux.image_ids(h, w), s["img_ids"])
+  np.testing.assert_array_equal(flux.text_ids(a["prompt_embeds"].shape[1]), s["txt_ids"])
+  scheduler = sampler.scheduler(steps, None, packed.shape[1])
+  np.testing.assert_allclose(scheduler.sigmas, s["sigmas"], rtol=1e-6)
+  np.testing.assert_allclose(scheduler.timesteps, s["timesteps"], rtol=1e-6)
+  np.testing.assert_allclose(s["transformer_timestep"][:, 0], s["timesteps"] / 1000, rtol=1e-6)
+  np.testing.assert_allclose(s["step_sigma"], s["sigmas"][:-1], rtol=1e-6)
+  np.testing.assert_allclose(s["step_timestep"], s["timesteps"], rtol=1e-6)
+  np.testing.assert_allclose(s["transformer_guidance"], 3.5)
+  model = flux.FluxTransformer2DModel(cfg.denoiser)
+  context, pooled = jnp.asarray(a["prompt_embeds"]), jnp.asarray(a["pooled_embeds"])
+  state = scheduler.init(packed)
+  for i in range(steps):
+    np.testing.assert_allclose(s["transformer_in"][i], s["init_packed_latents"] if i == 0 else s["step_prev_sample"][i - 1])
+    v = model.apply({"params": sampler.params}, jnp.asarray(s["transformer_in"][i]), context, pooled,
+                    jnp.asarray(s["transformer_timestep"][i]), jnp.asarray(s["img_ids"]), jnp.asarray(s["txt_ids"]),
+                    jnp.asarray(s["transformer_guidance"][i]))
+    np.testing.assert_allclose(v, s["velocity"][i], **TOL)
+    x, state = scheduler.step(state, jnp.asarray(s["velocity"][i]), jnp.int32(i), jnp.asarray(s["transformer_in"][i]))
+    np.testing.assert_allclose(x, s["step_prev_sample"][i], **TOL)
+  out = sampler.generate(context, pooled, flux_sampling.FluxSamplerConfig(steps=steps, guidance=3.5), latents=noise)
+  np.testing.assert_allclose(flux.pack_latents(jnp.asarray(out.latents)), s["final_packed_latents"], atol=1e-4)
+  vae = converted["vae_cfg"]
+  np.testing.assert_allclose(out.latents / vae.scaling_factor + vae.shift_factor,
+                             s["vae_decoder_in"].transpose(0, 2, 3, 1), atol=1e-4)
+  decoded = vae_kl.AutoencoderKL(vae).apply({"params": sampler.vae_params}, jnp.asarray(s["vae_decoder_in"].transpose(0, 2, 3, 1)),
+                                            method="decode")
+  np.testing.assert_allclose(decoded, s["decoded"].transpose(0, 2, 3, 1), atol=1e-4)
+  np.testing.assert_allclose(out.images, s["image_float"], atol=1e-4)
+  assert np.abs(np.round(255 * out.images).astype(int) - s["image_uint8"]).max() <= 1
+
+
+@pytest.mark.slow   # orbax save + restore of three checkpoints
+def test_convert_cli_writes_a_loadable_directory(tmp_path, converted):
+  dirs, _ = release_dirs(str(tmp_path))
+  dst = str(tmp_path / "out")
+  report = convert_uniworld.convert_cli("v1", dirs["uniworld"], dst, {"flux": dirs["flux"], "siglip": dirs["siglip"],
+                                                                       "task_head": None}, False)
+  assert report["sources"]["t5"] == [] and report["sources"]["clip"] == []   # no text encoders in this FLUX dir
+  loaded = unimm_jax.load(dst)
+  assert loaded.family == "uniworld" and loaded.config == converted["cfg"]
+  np.testing.assert_array_equal(loaded.params["denoise_projector"]["layers_0"]["kernel"],
+                                converted["params"]["denoise_projector"]["layers_0"]["kernel"])
+  assert unimm_jax.load(os.path.join(dst, "vae")).family == "vae_kl"
+  for name in ("scheduler_config.json", "tokenizer.json", "chat_template.json", "preprocessor_config.json"):
+    assert os.path.isfile(os.path.join(dst, name)), name
+  with pytest.raises(ConversionError):   # an existing destination is left as it is without --overwrite
+    convert_uniworld.convert_cli("v1", dirs["uniworld"], dst, {"flux": dirs["flux"], "siglip": dirs["siglip"]}, False)
