@@ -167,7 +167,8 @@ def build(config: ml_collections.ConfigDict) -> Task:
     return out
 
   latent_tokens = (size // vae_cfg.spatial_downscale // dit_cfg.patch_size) ** 2
-  llm = 4.0 * _matmul_params(cfg.text) * seq_len   # forward + the activation gradients the queries need, no weight grads
+  # the frozen LLM: forward + the activation gradients the queries need (no weight gradients)
+  llm = 4.0 * _matmul_params(cfg.text) * seq_len
   connector = 6.0 * _matmul_params(cfg.connector) * cfg.queries
   dit = sum(_dit_flops_per_token(dit_cfg, s * s) for s in cfg.scales) * latent_tokens
   return Task(name="ming", module=module, init_fn=init_fn, loss_fn=loss_fn, normalizers=normalizers,
