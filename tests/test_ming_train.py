@@ -120,3 +120,26 @@ def test_configs_are_consistent():
   cfg, dit, vae = ming_task.configs_from(ming_configs.get_config("release"))
   assert (cfg.text.embed, cfg.vision.out_embed, cfg.mlp_hidden, cfg.caption_channels) == (3584, 8192, 2048, 2304)
   assert (dit.inner_dim, dit.num_layers, vae.spatial_downscale, vae.latent_channels) == (2240, 20, 32, 32)
+
+
+def test_init_from_a_converted_release(tmp_path):
+  """load_params reads a scripts/convert.py --ming directory into the task's tree; other sizes are refused by name."""
+  import os
+
+  from unimm_jax import checkpoint
+  from unimm_jax.convert import ming as ming_convert
+  fixtures = os.path.join(os.path.dirname(__file__), "fixtures", "ming_lite_uni")
+  dst = str(tmp_path / "ming")
+  ming_convert.convert_cli(fixtures, None, dst, {}, False)
+  c = tiny_config()
+  for field, where in (("model", dst), ("dit", os.path.join(dst, "transformer")), ("vae", os.path.join(dst, "vae"))):
+    c[field] = type(c[field])(checkpoint.read_meta(where)["config"])
+  task = ming_task.build(c)
+  params = task.load_params(dst)
+  want = jax.eval_shape(task.init_fn, jax.random.PRNGKey(0))
+  want = jax.tree.map(lambda b: b.value, want, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  assert jax.tree.structure(params) == jax.tree.structure(want)
+  for (path, got), w in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(want), strict=True):
+    assert got.shape == w.shape and got.dtype == w.dtype, jax.tree_util.keystr(path)
+  with pytest.raises(ValueError, match=r"differs from config\.model in \[.*'text'"):
+    ming_task.build(tiny_config()).load_params(dst)
