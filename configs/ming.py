@@ -10,7 +10,8 @@ converted release checks the checkpoint's config against this one (training/ming
 Training (training/ming_task.py): the MLLM (ViT, LLM, linear_proj) and the VAE frozen; the queries, proj_in,
 connector, proj_out, SANA-side MLP and SANA trained with the flow-matching loss of the release's SANALoss scheduler
 (FlowMatchEuler, shift 1: sigma from the 1000-step table) on every scale, plus the scale-consistency term
-(`ming.consistency_weight`). Sampling as the release README: 30 steps, CFG 5, 512^2.
+(`ming.consistency_weight`). The optimizer settings are ours: the release publishes no training recipe.
+Sampling as the release README: 30 steps, CFG 5, 512^2.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.steps = v["steps"]
   c.optim.update(lr=v["lr"], warmup_steps=max(1, v["steps"] // 100), schedule="cosine", end_lr_frac=0.0,
                  b1=0.9, b2=0.95, weight_decay=0.01, clip_norm=1.0, ema_decay=0.0)
-  c.mesh.ici = (1, -1, 1)
+  # tiny: one device (its DC-AE's small kernels do not divide over an 8-way fsdp mesh); release: fsdp over all
+  c.mesh.ici = (1, 1, 1) if arg == "tiny" else (1, -1, 1)
   c.checkpoint.every = v["checkpoint_every"]
   c.log_every = v["log_every"]
   return c

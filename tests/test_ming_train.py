@@ -143,3 +143,18 @@ def test_init_from_a_converted_release(tmp_path):
     assert got.shape == w.shape and got.dtype == w.dtype, jax.tree_util.keystr(path)
   with pytest.raises(ValueError, match=r"differs from config\.model in \[.*'text'"):
     ming_task.build(tiny_config()).load_params(dst)
+
+
+def test_release_size_builds_sharded_over_8_devices():
+  """The release config on an 8-way fsdp mesh: every frozen pattern matches, the params shard within tolerance
+  (traced abstractly, nothing is allocated)."""
+  c = ming_configs.get_config("release")
+  c.batch_size = 8
+  mesh = sharding.make_mesh((1, 8, 1))
+  rules = sharding.rules_from_config(c.sharding.rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    s = trainer.build(c, mesh, rules)
+  ff = s.state_shardings.params["dit"]["layers_0"]["ff"]["conv_inverted"]["kernel"]
+  assert ff.spec != jax.sharding.PartitionSpec()
+  frozen = sum(a.size for a, t in zip(jax.tree.leaves(s.abstract_state.params), jax.tree.leaves(s.trainable)) if not t)
+  assert frozen > 7e9   # the 7B LLM and the ViT
