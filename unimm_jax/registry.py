@@ -42,6 +42,7 @@ TASKS: dict[str, str | Callable] = {
     "lm": "unimm_jax.training.lm:build",
     "tuna": "unimm_jax.training.tuna_task:build",
     "openuni": "unimm_jax.training.openuni_task:build",
+    "ming": "unimm_jax.training.ming_task:build",
 }
 
 # config.data.name -> builder(config, batch_per_process, process_index, process_count) -> grain.IterDataset
@@ -50,6 +51,7 @@ DATASETS: dict[str, str | Callable] = {
     "shapes_tuna": "unimm_jax.data.tuna_data:shapes_from_config",
     "tuna_streams": "unimm_jax.data.tuna_data:streams_from_config",
     "shapes_openuni": "unimm_jax.data.openuni_data:shapes_from_config",
+    "shapes_ming": "unimm_jax.data.ming_data:shapes_from_config",
 }
 
 
