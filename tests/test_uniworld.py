@@ -223,3 +223,72 @@ def test_convert_cli_writes_a_loadable_directory(tmp_path, converted):
     assert os.path.isfile(os.path.join(dst, name)), name
   with pytest.raises(ConversionError):   # an existing destination is left as it is without --overwrite
     convert_uniworld.convert_cli("v1", dirs["uniworld"], dst, {"flux": dirs["flux"], "siglip": dirs["siglip"]}, False)
+
+
+def tiny_flux_dir(flux_dir, seed=0):
+  """FLUX.1-dev's text encoders at the fixture's widths (T5 d_model = joint_attention_dim 32, CLIP width =
+  pooled_projection_dim 24), random, with the fixture's byte-level tokenizer standing in for both tokenizers."""
+  import torch
+  torch.manual_seed(seed)
+  tok = os.path.join(FIXTURES, "qwen_processor")
+  vocab = 404
+  t5 = transformers.T5EncoderModel(transformers.T5Config(
+      vocab_size=vocab, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
+      relative_attention_num_buckets=8, relative_attention_max_distance=16))
+  clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+      max_position_embeddings=77))
+  for model, sub, tok_dir in ((t5, "text_encoder_2", "tokenizer_2"), (clip, "text_encoder", "tokenizer")):
+    model.save_pretrained(os.path.join(flux_dir, sub))
+    transformers.AutoTokenizer.from_pretrained(tok).save_pretrained(os.path.join(flux_dir, tok_dir))
+
+
+def task_head_file(path, width=64, hidden=16, seed=0):
+  import torch
+  torch.manual_seed(seed)
+  head = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.SiLU(), torch.nn.Dropout(0.3),
+                             torch.nn.Linear(hidden, 2))
+  torch.save(head.state_dict(), path)
+  return head
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipeline")
+  dirs, _ = release_dirs(str(root))
+  tiny_flux_dir(dirs["flux"])
+  head = task_head_file(str(root / "task_head_final.pt"))
+  dst = str(root / "uniworld_tiny")
+  report = convert_uniworld.convert_cli("v1", dirs["uniworld"], dst, {
+      "flux": dirs["flux"], "siglip": dirs["siglip"], "task_head": str(root / "task_head_final.pt")}, False)
+  return dst, report, head
+
+
+@pytest.mark.slow   # converts and saves five checkpoints, compiles the whole pipeline
+def test_pipeline_conditioning_generate_edit_answer(pipeline_dir, converted):
+  dst, report, _ = pipeline_dir
+  assert report["task_head"] and report["sources"]["t5"] and report["sources"]["clip"]
+  pipe = unimm_jax.load_pipeline(dst)
+  b, c = fixture("case_b_edit_conditioning.npz"), converted["c"]
+  ref = b["ref_image_uint8"][0]
+  context, pooled = pipe.conditioning(c["cases"]["edit_prompt"], [ref])
+  # the VLM part is the fixture's; the T5 part the stand-in text encoder's over t5_len padded tokens
+  assert context.shape == (1, pipe.t5_len + b["vlm_embeds"].shape[1], 32) and pooled.shape == (1, 24)
+  np.testing.assert_allclose(context[:, pipe.t5_len:], b["vlm_embeds"], **TOL)
+  cfg = pipe.sampler_config(steps=2)
+  assert cfg.steps == 2 and cfg.guidance == 3.5
+  pipe.anchor_pixels = 64 * 64
+  edited = pipe.edit([ref], [c["cases"]["edit_prompt"]], cfg, seed=1)[0]
+  assert edited.shape == (64, 64, 3) and edited.dtype == np.uint8
+  image = pipe.generate(["a dog"], (32, 48), cfg)[0]
+  assert image.shape == (32, 48, 3)
+  answer = pipe.answer([ref], ["what is this?"], max_new_tokens=3)
+  assert len(answer) == 1 and isinstance(answer[0], str)
+  with pytest.raises(ValueError, match="negative"):
+    pipe.generate(["a dog"], (32, 32), cfg, negative="blurry")
+
+
+def test_dynamic_resize_as_anyres_util():
+  assert sampling.dynamic_resize(112, 112, 64 * 64) == (64, 64)
+  assert sampling.dynamic_resize(1080, 1920) == (32 * 9 * 3, 32 * 16 * 3)   # 16:9, scale round(2.67)
+  assert sampling.dynamic_resize(1000, 760) == (32 * 4 * 9, 32 * 3 * 9)    # w/h 0.76 -> 3:4, scale 9

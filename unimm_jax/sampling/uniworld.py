@@ -11,15 +11,23 @@ VLM's and the CLIP pooled vector of the prompt. `t5=False` samples as trained.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from unimm_jax.models import uniworld
+from unimm_jax.data.qwen_vl import QwenVLImageProcessor
+from unimm_jax.models import flux, qwen_vl, uniworld
 from unimm_jax.sampling import vlm
+from unimm_jax.sampling.flux import FluxSampler, FluxSamplerConfig
+from unimm_jax.sampling.qwen_vl import QwenVLChat
 
 SYSTEM_END = "<|im_end|>\n"
 
@@ -58,3 +66,194 @@ def join_t5(t5_embeds, vlm_embeds):
     raise ValueError(f"join_t5: T5 embeddings {tuple(t5_embeds.shape)} and VLM embeddings "
                      f"{tuple(vlm_embeds.shape)} differ in batch or width")
   return jnp.concatenate([jnp.asarray(t5_embeds, vlm_embeds.dtype), vlm_embeds], axis=1)
+
+
+# any_11ratio of univa/utils/anyres_util.py: (w, h) ratios cli.py's update_size picks from for edits
+RATIOS = ((16, 9), (9, 16), (7, 5), (5, 7), (5, 4), (4, 5), (4, 3), (3, 4), (3, 2), (2, 3), (1, 1))
+
+
+def dynamic_resize(height: int, width: int, anchor_pixels: int = 1024 * 1024, stride: int = 32) -> tuple[int, int]:
+  """The output (H, W) of an edit: the closest of RATIOS, base ratio * stride, scaled by
+  round(sqrt(anchor / base area)), as anyres_util.dynamic_resize."""
+  rw, rh = min(RATIOS, key=lambda r: abs(r[0] / r[1] - width / height))
+  scale = round(math.sqrt(anchor_pixels / (rh * stride * rw * stride)))
+  return rh * stride * scale, rw * stride * scale
+
+
+def edit_size(images: Sequence[np.ndarray], anchor_pixels: int = 1024 * 1024) -> tuple[int, int]:
+  """update_size: dynamic_resize of the reference images' mean height and width (int-truncated)."""
+  h = sum(im.shape[0] for im in images) / len(images)
+  w = sum(im.shape[1] for im in images) / len(images)
+  return dynamic_resize(int(h), int(w), anchor_pixels)
+
+
+@dataclasses.dataclass
+class UniWorldPipeline:
+  """A converted UniWorld directory: the model, the Qwen2.5-VL tokenizer and processor, FLUX's sampler and VAE,
+  and the T5 / CLIP text encoders of FLUX's conditioning (what scripts/sample.py, edit.py and chat.py drive)."""
+
+  module: uniworld.UniWorld
+  params: Any
+  tokenizer: Any
+  chat_template: str | None
+  processor: QwenVLImageProcessor
+  flux: FluxSampler
+  clip: Any                   # api.Loaded of clip/ (its pooled output -> pooled_projections)
+  clip_tokenizer: Any
+  t5: Any = None              # api.Loaded of t5/; None samples as trained (no T5 tokens)
+  t5_tokenizer: Any = None
+  t5_len: int = 256           # cli.py's max_sequence_length (the eval scripts use 512)
+  clip_len: int = 77          # FluxPipeline's CLIP tokenizer max_length
+  anchor_pixels: int = 1024 * 1024
+  downsample: int = 16        # a multiple of the VAE's 8 x the 2x2 packing
+  answers_text: ClassVar[bool] = True
+  max_images_per_prompt: ClassVar[int | None] = None
+
+  def __post_init__(self):
+    module = self.module
+
+    def embeds(params, ids, vision, positions, pixels, insertion):
+      return module.apply({"params": params}, ids, vision, positions=positions, siglip_pixels=pixels,
+                          insertion=insertion, method=uniworld.UniWorld.denoise_embeds)
+
+    def route(params, ids, vision, positions):
+      def fn(m, ids, vision, positions):
+        return m.route(m.hidden(ids, vision, positions=positions), ids)
+      return module.apply({"params": params}, ids, vision, positions, method=fn)
+
+    self._embeds, self._route = jax.jit(embeds), jax.jit(route)
+    if self.t5 is not None:
+      self._t5 = jax.jit(lambda p, ids: self.t5.module.apply({"params": p}, ids).last_hidden_state)
+    self._clip = jax.jit(lambda p, ids: self.clip.module.apply({"params": p}, ids).pooler_output)
+
+  @property
+  def cfg(self) -> uniworld.UniWorldConfig:
+    return self.module.cfg
+
+  def sampler_config(self, steps: int | None = None, guidance: float | None = None, shift: float | None = None,
+                     image_guidance: float | None = None) -> FluxSamplerConfig:
+    """FlowMatch Euler, 28 steps, distilled guidance 3.5 (cli.py); FLUX's shift is the resolution-dependent mu."""
+    if shift is not None:
+      raise ValueError("UniWorld: --shift is not used (FLUX shifts by the image's token count, mu)")
+    if image_guidance:
+      raise ValueError("UniWorld: --image_guidance is not used (the reference images condition through SigLIP)")
+    base = FluxSamplerConfig()
+    return FluxSamplerConfig(steps=steps or base.steps, guidance=base.guidance if guidance is None else guidance)
+
+  def read_image(self, path: str) -> np.ndarray:
+    return vlm.read_rgb(path)
+
+  def _vision(self, instruction: str, images: Sequence[np.ndarray]) -> tuple[np.ndarray, dict]:
+    processed = [self.processor(im) for im in images]
+    m2 = self.cfg.vlm.vision.merge ** 2
+    ids = np.asarray([prompt_ids(self.tokenizer, self.cfg, instruction,
+                                 [g[0] * g[1] * g[2] // m2 for _, g in processed], self.chat_template)])
+    kw = qwen_vl.prepare(ids, self.cfg.vlm, pixel_values=np.concatenate([p for p, _ in processed]) if processed
+                         else None, image_grid_thw=[g for _, g in processed])
+    return ids, kw
+
+  def text_embeds(self, text: str) -> tuple[jax.Array | None, jax.Array]:
+    """FluxPipeline.encode_prompt: T5 last hidden state over t5_len padded tokens (None without T5) and the CLIP
+    pooled output over clip_len, both without attention masks, as FluxPipeline calls them."""
+    def ids(tok, n):
+      return jnp.asarray(tok([text], padding="max_length", max_length=n, truncation=True)["input_ids"])
+    pooled = self._clip(self.clip.params, ids(self.clip_tokenizer, self.clip_len))
+    t5 = None if self.t5 is None else self._t5(self.t5.params, ids(self.t5_tokenizer, self.t5_len))
+    return t5, pooled
+
+  def conditioning(self, instruction: str, images: Sequence[np.ndarray] = ()) -> tuple[jax.Array, jax.Array]:
+    """-> (prompt_embeds [1 T c], pooled [1 p]): cat([T5, denoise_embeds]) and CLIP's pooled vector."""
+    ids, kw = self._vision(instruction, images)
+    pixels = insertion = None
+    if images:
+      s = self.cfg.siglip
+      side = s.posemb_grid * s.patch
+      pixels = jnp.asarray(np.stack([siglip_pixels(im, (side, side)) for im in images]))
+      insertion = uniworld.siglip_insertion(ids, self.cfg.image_end_token_id, len(images), self.cfg.siglip_tokens)
+    embeds = self._embeds(self.params, ids, kw.get("vision"), kw["positions"], pixels, insertion)
+    t5, pooled = self.text_embeds(instruction)
+    return (embeds if t5 is None else join_t5(t5, embeds)), pooled
+
+  def route(self, instruction: str, images: Sequence[np.ndarray] = ()) -> str:
+    """The task head's choice for a prompt (cli.py): "generate" or "answer"."""
+    ids, kw = self._vision(instruction, images)
+    logits = np.asarray(self._route(self.params, ids, kw.get("vision"), kw["positions"]))[0]
+    return "generate" if logits[0] < logits[1] else "answer"
+
+  def _sample(self, instruction: str, images: Sequence[np.ndarray], size: tuple[int, int], cfg: FluxSamplerConfig,
+              seed: int, progress: bool) -> np.ndarray:
+    context, pooled = self.conditioning(instruction, images)
+    out = self.flux.generate(context, pooled, cfg, size=size, seed=seed, progress=progress)
+    return np.round(255 * out.images[0]).astype(np.uint8)
+
+  def generate(self, prompts: Sequence[str], size: tuple[int, int], cfg: FluxSamplerConfig, *, negative: str = "",
+               seed: int = 0, progress: bool = False) -> list[np.ndarray]:
+    """Prompts -> uint8 images of size = (H, W), multiples of 16 (1024 x 1024 in the release)."""
+    _no_negative(negative)
+    return [self._sample(p, (), size, cfg, seed, progress) for p in prompts]
+
+  def edit(self, images: Sequence[np.ndarray], instructions: Sequence[str], cfg: FluxSamplerConfig, *,
+           negative: str = "", seed: int = 0, progress: bool = False) -> list[np.ndarray]:
+    """Per instruction its reference image (or list of images) -> the edited image, sized by update_size."""
+    _no_negative(negative)
+    if len(images) != len(instructions):
+      raise ValueError(f"UniWorld.edit: {len(instructions)} instructions for {len(images)} images")
+    out = []
+    for refs, text in zip(images, instructions):
+      refs = [refs] if isinstance(refs, np.ndarray) else list(refs)
+      out.append(self._sample(text, refs, edit_size(refs, self.anchor_pixels), cfg, seed, progress))
+    return out
+
+  def answer(self, images: Sequence[Any], questions: Sequence[str], **kw) -> list[str]:
+    """Understanding is the stock Qwen2.5-VL (the VLM is frozen): sampling/qwen_vl.QwenVLChat on `vlm`."""
+    chat = QwenVLChat(qwen_vl.QwenVL(self.cfg.vlm), self.params["vlm"], self.tokenizer, self.processor,
+                      (self.tokenizer.convert_tokens_to_ids("<|im_end|>"),))
+    return chat.answer(images, questions, **kw)
+
+
+def _no_negative(negative: str) -> None:
+  if negative:
+    raise ValueError("UniWorld samples with FLUX's distilled guidance only (true_cfg 1): no negative prompt")
+
+
+def load(path: str, *, t5: bool = True) -> UniWorldPipeline:
+  """A converted UniWorld directory (convert/uniworld.py layout); t5=False samples without T5, as trained."""
+  from unimm_jax import api
+  from unimm_jax.convert import uniworld as convert_uniworld
+  loaded = api.load(path)
+  if loaded.family != "uniworld":
+    raise ValueError(f"{path}: a {loaded.family!r} checkpoint, not a UniWorld one")
+  if loaded.tokenizer is None:
+    raise ValueError(f"{path}: no Qwen2.5-VL tokenizer files beside the UniWorld checkpoint")
+  template = None
+  template_file = os.path.join(path, "chat_template.json")
+  if not getattr(loaded.tokenizer, "chat_template", None) and os.path.isfile(template_file):
+    with open(template_file) as f:
+      template = json.load(f)["chat_template"]
+  pre = os.path.join(path, "preprocessor_config.json")
+  processor = QwenVLImageProcessor()
+  if os.path.isfile(pre):
+    with open(pre) as f:
+      processor = QwenVLImageProcessor.from_hf(json.load(f))
+  if processor.min_pixels != processor.max_pixels:   # cli.py loads the processor with min = max = 448 x 448
+    processor = dataclasses.replace(processor, min_pixels=448 * 448, max_pixels=448 * 448)
+  parts = {}
+  for name, tok in ((convert_uniworld.CLIP_DIR, "tokenizer_clip"), (convert_uniworld.T5_DIR, "tokenizer_t5")):
+    where = os.path.join(path, name)
+    if os.path.isdir(where) and (name != convert_uniworld.T5_DIR or t5):
+      import transformers
+      parts[name] = (api.load(where), transformers.AutoTokenizer.from_pretrained(os.path.join(path, tok)))
+  if convert_uniworld.CLIP_DIR not in parts:
+    raise ValueError(f"{path}: no clip/ (FLUX's CLIP-L text encoder gives pooled_projections; convert with --flux)")
+  if t5 and convert_uniworld.T5_DIR not in parts:
+    raise ValueError(f"{path}: no t5/ (FLUX's T5-XXL); load(t5=False) samples without it, as UniWorld was trained")
+  vae = api.load(os.path.join(path, convert_uniworld.VAE_DIR))
+  with open(os.path.join(path, convert_uniworld.SCHEDULER_FILE)) as f:
+    scheduler = json.load(f)
+  cfg = loaded.config
+  sampler = FluxSampler(flux.FluxTransformer2DModel(cfg.denoiser), loaded.params["denoiser"], scheduler, vae.module,
+                        vae.params)
+  clip, clip_tok = parts[convert_uniworld.CLIP_DIR]
+  t5_model, t5_tok = parts.get(convert_uniworld.T5_DIR, (None, None))
+  return UniWorldPipeline(loaded.module, loaded.params, loaded.tokenizer, template, processor, sampler, clip,
+                          clip_tok, t5_model, t5_tok)
