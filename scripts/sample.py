@@ -24,12 +24,14 @@ cli.define_sampling_flags("negative / null prompt for classifier-free guidance")
 flags.DEFINE_multi_string("prompt", None, "prompt (repeat for several images)", required=True)
 flags.DEFINE_string("size", None, "HxW in pixels, a multiple of the token size (default: 32 tokens a side)")
 flags.DEFINE_string("out", "samples", "output directory")
+flags.DEFINE_bool("all_scales", False, "Ming-Lite-Uni: also write the images of the coarser query scales "
+                  "(NNN_4x4.png, ...), which the original computes and discards")
 
 
-def parse_size(size: str | None, downsample: int) -> tuple[int, int]:
-  """--size in pixels (default: 32 image tokens a side)."""
+def parse_size(size: str | None, downsample: int, default: tuple[int, int] | None = None) -> tuple[int, int]:
+  """--size in pixels (default: the pipeline's `default_size`, else 32 image tokens a side)."""
   if size is None:
-    return 32 * downsample, 32 * downsample
+    return default or (32 * downsample, 32 * downsample)
   try:
     h, w = (int(v) for v in size.lower().split("x"))
   except ValueError:
@@ -43,11 +45,23 @@ def main(argv):
   del argv
   try:
     model = unimm_jax.load_pipeline(FLAGS.ckpt)
-    cfg = model.sampler_config(**cli.sampler_overrides(FLAGS))
+    extra = {"all_scales": True} if FLAGS.all_scales else {}
+    if extra and not hasattr(model, "generate_scales"):
+      raise ValueError(f"{FLAGS.ckpt}: --all_scales is for Ming-Lite-Uni checkpoints (multi-scale queries)")
+    cfg = model.sampler_config(**cli.sampler_overrides(FLAGS), **extra)
   except (ValueError, OSError, ConversionError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)
-  size = parse_size(FLAGS.size, model.downsample)
+  size = parse_size(FLAGS.size, model.downsample, getattr(model, "default_size", None))
+  if FLAGS.all_scales:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    for i, (prompt, per_scale) in enumerate(zip(FLAGS.prompt, model.generate_scales(
+        FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True))):
+      for scale, img in per_scale.items():
+        path = os.path.join(FLAGS.out, f"{i:03d}_{scale}.png")
+        Image.fromarray(img).save(path)
+        print(f"{path}\t{prompt}")
+    return
   images = model.generate(FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True)
   os.makedirs(FLAGS.out, exist_ok=True)
   for i, (prompt, img) in enumerate(zip(FLAGS.prompt, images)):

@@ -31,7 +31,10 @@ FAMILIES: dict[str, str] = {
     "flux": "unimm_jax.convert.maps.flux:FAMILY",
     "internvl": "unimm_jax.convert.maps.internvl:FAMILY",
     "internvl_chat": "unimm_jax.convert.maps.internvl:FAMILY_ORIGINAL",
+    "ming": "unimm_jax.convert.maps.ming:FAMILY",
     "uniworld": "unimm_jax.convert.maps.uniworld:FAMILY",
+    "ovis_u1": "unimm_jax.convert.maps.ovis_u1:FAMILY",
+    "openuni": "unimm_jax.convert.maps.openuni:FAMILY",
 }
 
 # config.task -> builder(config) -> training.task.Task

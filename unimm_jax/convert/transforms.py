@@ -72,6 +72,24 @@ def part(index: int, count: int, then: Transform = identity, axis: int = 0) -> T
   return Transform(f"part({index}/{count})+{then.name}", forward, then.inverse, part=(axis, index, count))
 
 
+def uneven_part(index: int, count: int, then: Transform = identity, kernel: bool = True) -> Transform:
+  """Slice `index` of a tensor fused along axis 0 from count - 1 equal slices and a last one of another size
+  (FLUX / Ovis-U1 single blocks' linear1 = [q; k; v; mlp]). Each slice is as wide as its target: the target's
+  size without its input axis (kernels [d_in, ...]) or its whole size (biases); the last slice is the rest.
+  Export concatenates the slices back in index order."""
+  if not 0 <= index < count:
+    raise ValueError(f"uneven_part: index {index} is not in [0, {count})")
+
+  def forward(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    width = int(np.prod(shape[1:] if kernel else shape))
+    start = x.shape[0] - width if index == count - 1 else index * width
+    if start < 0 or (index < count - 1 and (index + 1) * width > x.shape[0] - 1):
+      raise ValueError(f"slice {index} of {count} ({width} rows) does not fit a fused tensor of shape {x.shape}")
+    return then.forward(x[start:start + width], shape)
+
+  return Transform(f"uneven_part({index}/{count})+{then.name}", forward, then.inverse, part=(0, index, count))
+
+
 def trailing_ones(n: int) -> Transform:
   """[c, 1, ..., 1] with n trailing ones (Wan RMS_norm gammas, broadcast over t h w) <-> [c]."""
 
@@ -81,6 +99,16 @@ def trailing_ones(n: int) -> Transform:
     return x.reshape(shape)
 
   return Transform(f"trailing_ones({n})", forward, lambda y: y.reshape(*y.shape, *(1,) * n))
+
+
+def _drop_batch_axis(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if x.shape[:1] != (1,):
+    raise ValueError(f"expected a leading axis of 1 (a [1, ...] table), got {x.shape}")
+  return x[0]
+
+
+# [1, n, d] -> [n, d]: a position table stored with a batch axis (Ovis-U1's AIMv2 pos_embed)
+drop_batch_axis = Transform("drop_batch_axis", _drop_batch_axis, lambda y: y[None])
 
 
 def _pointwise(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

@@ -17,6 +17,19 @@ from typing import Any, ClassVar
 from unimm_jax.layers.stack import check_remat
 
 
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl")
+
+
+def push_runtime(cfg: Any, parts: tuple[str, ...], fields: tuple[str, ...] = RUNTIME_FIELDS) -> None:
+  """Copies a composite config's runtime fields (speed and memory, never the numbers) onto its part configs.
+
+  Called from the composite's `__post_init__`: the configs are frozen, so the parts are replaced once, there.
+  """
+  runtime = {k: getattr(cfg, k) for k in fields}
+  for part in parts:
+    object.__setattr__(cfg, part, dataclasses.replace(getattr(cfg, part), **runtime))
+
+
 class DictConfig:
   """Mixin for `@dataclasses.dataclass(frozen=True)` configs: `to_dict` and the strict `from_dict`.
 

@@ -199,7 +199,13 @@ class StreamBlock(nn.Module):
 class DoubleStreamBlock(StreamBlock):
   """FluxTransformerBlock: each stream is modulated by vec (AdaLN-Zero: shift, scale, gate for attention and
   MLP), both attend jointly over [text; image], then each has its own MLP.
-  ((img [b n d], txt [b T d]), None, vec [b d], angles [1 T+n e/2]) -> ((img, txt), None)."""
+  ((img [b n d], txt [b T d]), None, vec [b d], angles [1 T+n e/2]) -> ((img, txt), None).
+
+  image_self_attention: Ovis-U1's MMDiT-X (DoubleStreamXBlock): a third image modulation (9 chunks: joint,
+  MLP, self) drives an image-only self-attention (`img_self_attn`, QK-norm, RoPE of the image ids) on the
+  block's normed input, added after the joint branch: img += g1 joint; img += g3 self; img += g2 MLP."""
+
+  image_self_attention: bool = False
 
   @nn.compact
   def __call__(self, x, own, vec, angles):
@@ -207,17 +213,26 @@ class DoubleStreamBlock(StreamBlock):
     d = self.features
     img, txt = x
     norm = LayerNorm(d, self.eps, use_bias=False, use_scale=False, name="layer_norm", **kw)
-    img_mod = AdaLNModulation(d, 6, name="norm1", **kw)(vec)
+    img_mod = AdaLNModulation(d, 9 if self.image_self_attention else 6, name="norm1", **kw)(vec)
     txt_mod = AdaLNModulation(d, 6, name="norm1_context", **kw)(vec)
     img_mod, txt_mod = ([m[:, None] for m in mods] for mods in (img_mod, txt_mod))
     attn_txt, attn_img = JointAttention(
         d, self.heads, self.head_dim, streams=("txt", "img"), norm_eps=self.eps, impl=self.impl, name="attn", **kw)(
             [modulate(norm(txt), txt_mod[0], txt_mod[1]), modulate(norm(img), img_mod[0], img_mod[1])],
             rope_fn=_rope(angles))
+    img_self = None
+    if self.image_self_attention:
+      shift3, scale3, gate3 = img_mod[6:]
+      img_self, _ = Attention(d, self.heads, self.heads, self.head_dim, qkv_bias=True, o_bias=True, qk_norm=True,
+                              norm_eps=self.eps, impl=self.impl, name="img_self_attn", **kw)(
+          modulate(norm(img), shift3, scale3), rope_fn=_rope(angles[:, txt.shape[1]:]))
+      img_self = gate3 * img_self
     out = []
-    for h, (_, _, gate1, shift2, scale2, gate2), a, ff in (
-        (img, img_mod, attn_img, "ff"), (txt, txt_mod, attn_txt, "ff_context")):
+    for h, (_, _, gate1, shift2, scale2, gate2), a, extra, ff in (
+        (img, img_mod[:6], attn_img, img_self, "ff"), (txt, txt_mod, attn_txt, None, "ff_context")):
       h = h + gate1 * a
+      if extra is not None:
+        h = h + extra
       h = h + gate2 * MLP(d, self.mlp, "gelu_tanh", name=ff, **kw)(modulate(norm(h), shift2, scale2))
       out.append(nn.with_logical_constraint(h, ACT))
     return tuple(out), None

@@ -27,12 +27,11 @@ from einops import rearrange
 
 from unimm_jax.layers import DenseGeneral, LayerNorm, activation, scatter_placeholders
 from unimm_jax.models import internvit, qwen
-from unimm_jax.models.config import DictConfig
+from unimm_jax.models.config import DictConfig, push_runtime
 from unimm_jax.models.internvit import InternViTConfig
 from unimm_jax.models.qwen import QwenConfig
 
 MODEL_TYPES = ("internvl", "internvl_chat")   # transformers' conversion | the original remote-code release
-RUNTIME = ("dtype", "param_dtype", "remat", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +58,7 @@ class InternVLConfig(DictConfig):
     if self.vision.posemb_grid % round(scale):
       raise ValueError(f"InternVLConfig: a tile's {self.vision.posemb_grid}x{self.vision.posemb_grid} patch grid does "
                        f"not merge {round(scale)}x{round(scale)} (downsample_ratio {self.downsample_ratio})")
-    runtime = {k: getattr(self, k) for k in RUNTIME}
-    object.__setattr__(self, "vision", dataclasses.replace(self.vision, **runtime))
-    object.__setattr__(self, "llm", dataclasses.replace(self.llm, **runtime))
+    push_runtime(self, ("vision", "llm"), ("dtype", "param_dtype", "remat", "attention_impl"))
 
   @property
   def shuffle(self) -> int:

@@ -30,11 +30,10 @@ import numpy as np
 
 from unimm_jax.data.qwen_vl import VisionPacking, pack_vision
 from unimm_jax.models import qwen, qwen_vit
-from unimm_jax.models.config import DictConfig
+from unimm_jax.models.config import DictConfig, push_runtime
 from unimm_jax.layers import scatter_placeholders
 from unimm_jax.models.qwen_vit import QwenVisionConfig
 
-RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +53,7 @@ class QwenVLConfig(DictConfig):
   attention_impl: str = "auto"
 
   def __post_init__(self):
-    runtime = {k: getattr(self, k) for k in RUNTIME_FIELDS}
-    object.__setattr__(self, "vision", dataclasses.replace(self.vision, **runtime))  # frozen: set once, here
-    object.__setattr__(self, "text", dataclasses.replace(self.text, **runtime))
+    push_runtime(self, ("vision", "text"))
     if self.vision.out_embed != self.text.embed:
       raise ValueError(f"QwenVLConfig: vision.out_embed {self.vision.out_embed} != text.embed {self.text.embed}")
     if self.text.mrope_sections is None:

@@ -32,12 +32,11 @@ from einops import rearrange
 from unimm_jax.convert.maps import qwen_vl as qwen_vl_map
 from unimm_jax.layers import DenseGeneral
 from unimm_jax.models import flux, qwen_vl, siglip
-from unimm_jax.models.config import DictConfig
+from unimm_jax.models.config import DictConfig, push_runtime
 from unimm_jax.models.flux import FluxConfig
 from unimm_jax.models.qwen_vl import QwenVLConfig, VisionInputs
 from unimm_jax.models.siglip import SiglipVisionConfig
 
-RUNTIME = ("dtype", "param_dtype", "attention_impl")
 ASSISTANT_TOKEN_ID = 77091   # `assistant` of the Qwen2.5 tokenizer: cli.py routes on its last occurrence
 
 
@@ -57,9 +56,7 @@ class UniWorldConfig(DictConfig):
   attention_impl: str = "auto"
 
   def __post_init__(self):
-    runtime = {k: getattr(self, k) for k in RUNTIME}
-    for part in ("vlm", "denoiser", "siglip"):
-      object.__setattr__(self, part, dataclasses.replace(getattr(self, part), **runtime))
+    push_runtime(self, ("vlm", "denoiser", "siglip"), ("dtype", "param_dtype", "attention_impl"))
 
   @property
   def context_dim(self) -> int:

@@ -63,11 +63,7 @@ class QwenVLChat:
 
   def read_image(self, path: str) -> np.ndarray:
     """An image file as uint8 RGB [H W 3] (the processor resizes it)."""
-    try:
-      with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-    except OSError as e:
-      raise ValueError(f"{path}: cannot read the image: {e}") from None
+    return vlm.read_rgb(path)
 
   def encode(self, question: str, images: int, system: str | None = None) -> list[int]:
     """The chat-templated prompt with one image placeholder per image (`<image>` markers place them)."""
