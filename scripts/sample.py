@@ -28,19 +28,6 @@ flags.DEFINE_bool("all_scales", False, "Ming-Lite-Uni: also write the images of 
                   "(NNN_4x4.png, ...), which the original computes and discards")
 
 
-def parse_size(size: str | None, downsample: int, default: tuple[int, int] | None = None) -> tuple[int, int]:
-  """--size in pixels (default: the pipeline's `default_size`, else 32 image tokens a side)."""
-  if size is None:
-    return default or (32 * downsample, 32 * downsample)
-  try:
-    h, w = (int(v) for v in size.lower().split("x"))
-  except ValueError:
-    raise app.UsageError(f"--size {size!r}: expected HxW, e.g. 512x512") from None
-  if h % downsample or w % downsample:
-    raise app.UsageError(f"--size {size}: must be a multiple of {downsample} pixels (one image token)")
-  return h, w
-
-
 def main(argv):
   del argv
   try:
@@ -52,7 +39,7 @@ def main(argv):
   except (ValueError, OSError, ConversionError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)
-  size = parse_size(FLAGS.size, model.downsample, getattr(model, "default_size", None))
+  size = cli.parse_size(FLAGS.size, model.downsample, getattr(model, "default_size", None))
   if FLAGS.all_scales:
     os.makedirs(FLAGS.out, exist_ok=True)
     for i, (prompt, per_scale) in enumerate(zip(FLAGS.prompt, model.generate_scales(

@@ -19,34 +19,13 @@ from unimm_jax.models import flux, qwen_vl, uniworld, vae_kl
 from unimm_jax.sampling import flux as flux_sampling
 from unimm_jax.sampling import uniworld as sampling
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "uniworld")
+from uniworld_tiny import FIXTURES, release_dirs, task_head_file, tiny_flux_dir
+
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def fixture(name):
   return dict(np.load(os.path.join(FIXTURES, name)))
-
-
-def release_dirs(root, with_weights=True):
-  """The fixture laid out as the release directories: UniWorld (config.json + weights + processor), SigLIP
-  (config.json; its weights sit in the bundle as siglip.*), FLUX.1-dev (vae/config.json, scheduler/)."""
-  with open(os.path.join(FIXTURES, "config.json")) as f:
-    c = json.load(f)
-  dirs = {n: os.path.join(root, n) for n in ("uniworld", "siglip", "flux")}
-  for d in (*dirs.values(), os.path.join(dirs["flux"], "vae"), os.path.join(dirs["flux"], "scheduler")):
-    os.makedirs(d, exist_ok=True)
-  for path, content in ((os.path.join(dirs["uniworld"], "config.json"), c["univa_config"]),
-                        (os.path.join(dirs["siglip"], "config.json"), c["siglip_config"]),
-                        (os.path.join(dirs["flux"], "vae", "config.json"), c["flux_vae_config"]),
-                        (os.path.join(dirs["flux"], "scheduler", "scheduler_config.json"), c["flux_scheduler_config"])):
-    with open(path, "w") as f:
-      json.dump(content, f)
-  if with_weights:
-    os.symlink(os.path.join(FIXTURES, "uniworld.safetensors"), os.path.join(dirs["uniworld"], "model.safetensors"))
-  proc = os.path.join(FIXTURES, "qwen_processor")
-  for n in os.listdir(proc):
-    os.symlink(os.path.join(proc, n), os.path.join(dirs["uniworld"], n))
-  return dirs, c
 
 
 @pytest.fixture(scope="module")
@@ -225,33 +204,6 @@ def test_convert_cli_writes_a_loadable_directory(tmp_path, converted):
     convert_uniworld.convert_cli("v1", dirs["uniworld"], dst, {"flux": dirs["flux"], "siglip": dirs["siglip"]}, False)
 
 
-def tiny_flux_dir(flux_dir, seed=0):
-  """FLUX.1-dev's text encoders at the fixture's widths (T5 d_model = joint_attention_dim 32, CLIP width =
-  pooled_projection_dim 24), random, with the fixture's byte-level tokenizer standing in for both tokenizers."""
-  import torch
-  torch.manual_seed(seed)
-  tok = os.path.join(FIXTURES, "qwen_processor")
-  vocab = 404
-  t5 = transformers.T5EncoderModel(transformers.T5Config(
-      vocab_size=vocab, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu",
-      relative_attention_num_buckets=8, relative_attention_max_distance=16))
-  clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      vocab_size=vocab, hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-      max_position_embeddings=77))
-  for model, sub, tok_dir in ((t5, "text_encoder_2", "tokenizer_2"), (clip, "text_encoder", "tokenizer")):
-    model.save_pretrained(os.path.join(flux_dir, sub))
-    transformers.AutoTokenizer.from_pretrained(tok).save_pretrained(os.path.join(flux_dir, tok_dir))
-
-
-def task_head_file(path, width=64, hidden=16, seed=0):
-  import torch
-  torch.manual_seed(seed)
-  head = torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.SiLU(), torch.nn.Dropout(0.3),
-                             torch.nn.Linear(hidden, 2))
-  torch.save(head.state_dict(), path)
-  return head
-
-
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("pipeline")
@@ -286,6 +238,45 @@ def test_pipeline_conditioning_generate_edit_answer(pipeline_dir, converted):
   assert len(answer) == 1 and isinstance(answer[0], str)
   with pytest.raises(ValueError, match="negative"):
     pipe.generate(["a dog"], (32, 32), cfg, negative="blurry")
+
+
+@pytest.mark.slow   # shares pipeline_dir's conversion
+def test_task_head_route_reads_the_last_assistant_token(pipeline_dir, converted):
+  """cli.py: task_head(hidden of the last `assistant` token) with logit 1 > logit 0 = generate. The position comes
+  from the tokenizer (Qwen2.5's one token 77091; the last piece where a vocabulary splits the word)."""
+  import torch
+  dst, _, head = pipeline_dir
+  pipe = unimm_jax.load_pipeline(dst)
+  b, c = fixture("case_b_edit_conditioning.npz"), converted["c"]
+  ids = b["input_ids"][0]
+  pieces = pipe.tokenizer("assistant", add_special_tokens=False)["input_ids"]
+  index = sampling.assistant_index(ids, pipe.tokenizer)
+  assert list(ids[index - len(pieces) + 1:index + 1]) == pieces and index == len(ids) - 2   # before the "\n"
+  logits = uniworld.UniWorld(pipe.cfg).apply({"params": pipe.params}, jnp.asarray(b["lm_last_hidden"]),
+                                             jnp.asarray([index]), method=uniworld.UniWorld.route)
+  with torch.no_grad():
+    want = head.eval()(torch.from_numpy(b["lm_last_hidden"][:, index])).numpy()
+  np.testing.assert_allclose(logits, want, **TOL)
+  choice = pipe.route(c["cases"]["edit_prompt"], [b["ref_image_uint8"][0]])
+  assert choice == ("generate" if want[0, 0] < want[0, 1] else "answer")
+  with pytest.raises(ValueError, match="no `assistant`"):
+    sampling.assistant_index(ids[:-3], pipe.tokenizer)
+
+
+@pytest.mark.slow   # loads the pipeline twice
+def test_sampling_as_trained_drops_t5_and_pools_the_empty_prompt(pipeline_dir):
+  """The train/infer asymmetry: cli.py samples with [T5(prompt), VLM] and CLIP(prompt) pooled; the yamls trained
+  with drop_t5_rate 1.0 (no T5, CLIP("") pooled), which load(t5=False) reproduces."""
+  dst, _, _ = pipeline_dir
+  joint, trained = sampling.load(dst), sampling.load(dst, t5=False)
+  t5, pooled = joint.text_embeds("a dog")
+  assert t5.shape == (1, joint.t5_len, 32)
+  none, pooled_trained = trained.text_embeds("a dog")
+  assert none is None
+  np.testing.assert_allclose(pooled_trained, joint.text_embeds("")[1], atol=0)
+  assert np.abs(np.asarray(pooled_trained) - np.asarray(pooled)).max() > 1e-3
+  context, _ = trained.conditioning("a dog")
+  np.testing.assert_allclose(context, joint.conditioning("a dog")[0][:, joint.t5_len:], **TOL)
 
 
 def test_dynamic_resize_as_anyres_util():

@@ -4,9 +4,11 @@ Reference: PKU-YuanGroup/UniWorld-V1 univa/serve/cli.py (chat text, the system-t
 the [t5, vlm] join, update_size), univa/utils/anyres_util.py (dynamic_resize), univa/utils/flux_pipeline.py
 (= diffusers' FluxPipeline: sampling/flux.py).
 
-Train/infer asymmetry, reproduced on purpose: the released stages were trained with `drop_t5_rate: 1.0`
-(no T5 tokens, pooled vector = CLIP("")), but cli.py samples with the T5 embeddings of the prompt in front of the
-VLM's and the CLIP pooled vector of the prompt. `t5=False` samples as trained.
+Train/infer asymmetry, reproduced on purpose: both released stages were trained with `drop_t5_rate: 1.0`
+(train_denoiser.py deletes T5 and CLIP: no T5 tokens, pooled vector = CLIP("")), but cli.py samples with the T5
+embeddings of the prompt in front of the VLM's and the CLIP pooled vector of the prompt, and that is what the
+released numbers were measured with. `load(..., t5=False)` samples as trained (= cli.py --no_joint_with_t5: no T5
+tokens, CLIP("") pooled); training/uniworld_task.py trains as the yamls do.
 """
 
 from __future__ import annotations
@@ -46,6 +48,19 @@ def prompt_ids(tokenizer: Any, cfg: uniworld.UniWorldConfig, instruction: str, i
   """Token ids of the chat text, each `<|image_pad|>` expanded to its image's merged-token count."""
   ids = tokenizer(chat_text(tokenizer, instruction, len(image_tokens), chat_template))["input_ids"]
   return vlm.expand_placeholders(ids, cfg.vlm.image_token_id, image_tokens, f"prompt {instruction[:40]!r}")
+
+
+def assistant_index(ids: Sequence[int], tokenizer: Any) -> int:
+  """Position of the token the task head reads: cli.py takes the hidden state of the last `assistant` token (id
+  77091 in Qwen2.5's vocabulary). The tokenizer says which piece(s) `assistant` is; when a vocabulary splits it
+  (tiny BPEs), the last piece of its last occurrence is read, the one that has seen the whole word."""
+  pieces = list(tokenizer("assistant", add_special_tokens=False)["input_ids"])
+  ids, n = list(ids), len(pieces)
+  for end in range(len(ids), n - 1, -1):
+    if ids[end - n:end] == pieces:
+      return end - 1
+  raise ValueError(f"assistant_index: the prompt holds no `assistant` token(s) {pieces} (the chat template's "
+                   "generation prompt); the task head reads that position")
 
 
 def siglip_pixels(image: np.ndarray, size: tuple[int, int], mean: Sequence[float] = (0.5, 0.5, 0.5),
@@ -106,6 +121,7 @@ class UniWorldPipeline:
   clip_len: int = 77          # FluxPipeline's CLIP tokenizer max_length
   anchor_pixels: int = 1024 * 1024
   downsample: int = 16        # a multiple of the VAE's 8 x the 2x2 packing
+  default_size: ClassVar[tuple[int, int]] = (1024, 1024)   # cli.py's --height / --width
   answers_text: ClassVar[bool] = True
   max_images_per_prompt: ClassVar[int | None] = None
 
@@ -116,12 +132,12 @@ class UniWorldPipeline:
       return module.apply({"params": params}, ids, vision, positions=positions, siglip_pixels=pixels,
                           insertion=insertion, method=uniworld.UniWorld.denoise_embeds)
 
-    def route(params, ids, vision, positions):
-      def fn(m, ids, vision, positions):
-        return m.route(m.hidden(ids, vision, positions=positions), ids)
-      return module.apply({"params": params}, ids, vision, positions, method=fn)
+    def route(params, ids, vision, positions, index):
+      def fn(m, ids, vision, positions, index):
+        return m.route(m.hidden(ids, vision, positions=positions), index)
+      return module.apply({"params": params}, ids, vision, positions, index, method=fn)
 
-    self._embeds, self._route = jax.jit(embeds), jax.jit(route)
+    self._embeds, self._route, self._chat = jax.jit(embeds), jax.jit(route), None
     if self.t5 is not None:
       self._t5 = jax.jit(lambda p, ids: self.t5.module.apply({"params": p}, ids).last_hidden_state)
     self._clip = jax.jit(lambda p, ids: self.clip.module.apply({"params": p}, ids).pooler_output)
@@ -153,12 +169,13 @@ class UniWorldPipeline:
     return ids, kw
 
   def text_embeds(self, text: str) -> tuple[jax.Array | None, jax.Array]:
-    """FluxPipeline.encode_prompt: T5 last hidden state over t5_len padded tokens (None without T5) and the CLIP
-    pooled output over clip_len, both without attention masks, as FluxPipeline calls them."""
-    def ids(tok, n):
-      return jnp.asarray(tok([text], padding="max_length", max_length=n, truncation=True)["input_ids"])
-    pooled = self._clip(self.clip.params, ids(self.clip_tokenizer, self.clip_len))
-    t5 = None if self.t5 is None else self._t5(self.t5.params, ids(self.t5_tokenizer, self.t5_len))
+    """FluxPipeline.encode_prompt: T5 last hidden state over t5_len padded tokens and the CLIP pooled output over
+    clip_len, both without attention masks, as FluxPipeline calls them. Without T5 (sampling as trained, cli.py
+    --no_joint_with_t5) there are no T5 tokens and the pooled vector is CLIP("")."""
+    def ids(tok, n, value):
+      return jnp.asarray(tok([value], padding="max_length", max_length=n, truncation=True)["input_ids"])
+    pooled = self._clip(self.clip.params, ids(self.clip_tokenizer, self.clip_len, text if self.t5 else ""))
+    t5 = None if self.t5 is None else self._t5(self.t5.params, ids(self.t5_tokenizer, self.t5_len, text))
     return t5, pooled
 
   def conditioning(self, instruction: str, images: Sequence[np.ndarray] = ()) -> tuple[jax.Array, jax.Array]:
@@ -177,8 +194,20 @@ class UniWorldPipeline:
   def route(self, instruction: str, images: Sequence[np.ndarray] = ()) -> str:
     """The task head's choice for a prompt (cli.py): "generate" or "answer"."""
     ids, kw = self._vision(instruction, images)
-    logits = np.asarray(self._route(self.params, ids, kw.get("vision"), kw["positions"]))[0]
+    index = jnp.asarray([assistant_index(ids[0], self.tokenizer)])
+    logits = np.asarray(self._route(self.params, ids, kw.get("vision"), kw["positions"], index))[0]
     return "generate" if logits[0] < logits[1] else "answer"
+
+  def respond(self, images: Sequence[np.ndarray], prompt: str, cfg: FluxSamplerConfig, *, size: tuple[int, int],
+              seed: int = 0, progress: bool = False, **answer_kw) -> str | np.ndarray:
+    """One turn of cli.py: the task head routes the prompt (and its images); "answer" -> Qwen2.5-VL's text,
+    "generate" -> an image of size (H, W) without images, or an edit whose pixel budget is H * W (cli.py's
+    anchor_pixels = height * width) with them."""
+    images = list(images)
+    if self.route(prompt, images) == "answer":
+      return self.answer([images], [prompt], seed=seed, **answer_kw)[0]
+    out = size if not images else edit_size(images, size[0] * size[1])
+    return self._sample(prompt, images, out, cfg, seed, progress)
 
   def _sample(self, instruction: str, images: Sequence[np.ndarray], size: tuple[int, int], cfg: FluxSamplerConfig,
               seed: int, progress: bool) -> np.ndarray:
@@ -205,10 +234,24 @@ class UniWorldPipeline:
     return out
 
   def answer(self, images: Sequence[Any], questions: Sequence[str], **kw) -> list[str]:
-    """Understanding is the stock Qwen2.5-VL (the VLM is frozen): sampling/qwen_vl.QwenVLChat on `vlm`."""
-    chat = QwenVLChat(qwen_vl.QwenVL(self.cfg.vlm), self.params["vlm"], self.tokenizer, self.processor,
-                      (self.tokenizer.convert_tokens_to_ids("<|im_end|>"),))
-    return chat.answer(images, questions, **kw)
+    """Understanding is the stock Qwen2.5-VL (the VLM is frozen) on cli.py's prompt (CliChat)."""
+    if self._chat is None:
+      self._chat = CliChat(qwen_vl.QwenVL(self.cfg.vlm), self.params["vlm"], self.tokenizer, self.processor,
+                           (self.tokenizer.convert_tokens_to_ids("<|im_end|>"),), chat_template=self.chat_template)
+    return self._chat.answer(images, questions, **kw)
+
+
+@dataclasses.dataclass
+class CliChat(QwenVLChat):
+  """Qwen2.5-VL answers on the prompt cli.py routes and answers: the user turn [text, images], the template's
+  system turn dropped (`chat_text`)."""
+
+  chat_template: str | None = None
+
+  def encode(self, question: str, images: int, system: str | None = None) -> list[int]:
+    if system:
+      raise ValueError("UniWorld answers as cli.py, which drops the system turn: --system is not used")
+    return list(self.tokenizer(chat_text(self.tokenizer, question, images, self.chat_template))["input_ids"])
 
 
 def _no_negative(negative: str) -> None:
