@@ -7,6 +7,8 @@ family with an image pipeline (Qwen2.5-VL, InternVL3, TUNA; `Family.pipeline`) a
   # several images in one prompt (at its <image> markers, else before the text), or one image per prompt
   python scripts/chat.py --ckpt QWEN_VL_DIR --image a.png --image b.png --prompt "what differs between them?"
   python scripts/chat.py --ckpt QWEN_VL_DIR --image a.png --image b.png --prompt "describe" --prompt "count"
+  # a checkpoint with a generate-or-answer router (UniWorld --task_head) answers or draws per prompt
+  python scripts/chat.py --ckpt UNIWORLD_DIR --route auto --prompt "a cat on a sofa" [--size 1024x1024 --steps 28]
 
 The images go to the prompts as: one --prompt takes every --image; otherwise one --image per --prompt, in
 order. Families whose pipeline answers text alone (Qwen2.5-VL) also chat without --image.
@@ -20,7 +22,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 import unimm_jax
-from unimm_jax.sampling import SamplerConfig, generate
+from unimm_jax.sampling import SamplerConfig, cli, generate
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("ckpt", None, "converted or HF model directory", required=True)
@@ -34,6 +36,7 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (LLM checkpoints)")
 flags.DEFINE_multi_string("image", None, "an image to ask about (repeat the flag for several; checkpoints of a "
                           "family with an image pipeline)")
+cli.define_route_flags()
 
 
 def encode(tokenizer, prompt: str, system: str | None) -> list[int]:
@@ -65,14 +68,17 @@ def ask_pipeline() -> None:
     raise ValueError(f"{FLAGS.ckpt}: this checkpoint's pipeline answers questions about an image: pass --image")
   if allowed is not None and most > allowed:
     raise ValueError(f"{FLAGS.ckpt}: this checkpoint's pipeline takes {allowed} image(s) per prompt, got {most}")
-  images = [[model.read_image(p) for p in paths] for paths in per_prompt]
+  lists = images = [[model.read_image(p) for p in paths] for paths in per_prompt]
   if all(len(i) == 1 for i in images):  # one image per question: what every pipeline takes
     images = [i[0] for i in images]
   bar = tqdm(total=FLAGS.max_new_tokens, desc="decode", unit="tok", file=sys.stderr)
   extra = {"system": FLAGS.system} if FLAGS.system else {}
-  answers = model.answer(images, FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
-                         sampler=SamplerConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p), seed=FLAGS.seed,
-                         on_step=lambda step: bar.update(1), **extra)
+  kw = dict(max_new_tokens=FLAGS.max_new_tokens, sampler=SamplerConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p),
+            on_step=lambda step: bar.update(1), **extra)
+  if FLAGS.route == "auto":   # the router answers (text) or draws (an image written to --image_out) per prompt
+    answers = cli.respond_routed(model, FLAGS.ckpt, lists, FLAGS.prompt, FLAGS, **kw)
+  else:
+    answers = model.answer(images, FLAGS.prompt, seed=FLAGS.seed, **kw)
   bar.close()
   for prompt, answer in zip(FLAGS.prompt, answers):
     print(f"> {prompt}\n{answer}\n")
@@ -81,7 +87,7 @@ def ask_pipeline() -> None:
 def main(argv):
   del argv
   try:
-    if FLAGS.image or unimm_jax.family_of(FLAGS.ckpt).pipeline is not None:
+    if FLAGS.image or FLAGS.route == "auto" or unimm_jax.family_of(FLAGS.ckpt).pipeline is not None:
       return ask_pipeline()
   except (ValueError, OSError, unimm_jax.ConversionError) as e:
     print(f"chat: error: {e}", file=sys.stderr)

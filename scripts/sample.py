@@ -31,19 +31,6 @@ flags.DEFINE_bool("all_scales", False, "Ming-Lite-Uni: also write the images of 
 flags.DEFINE_alias("all-scales", "all_scales")
 
 
-def parse_size(size: str | None, downsample: int, default: tuple[int, int] | None = None) -> tuple[int, int]:
-  """--size in pixels (default: the pipeline's `default_size`, else 32 image tokens a side)."""
-  if size is None:
-    return default or (32 * downsample, 32 * downsample)
-  try:
-    h, w = (int(v) for v in size.lower().split("x"))
-  except ValueError:
-    raise app.UsageError(f"--size {size!r}: expected HxW, e.g. 512x512") from None
-  if h % downsample or w % downsample:
-    raise app.UsageError(f"--size {size}: must be a multiple of {downsample} pixels (one image token)")
-  return h, w
-
-
 def main(argv):
   del argv
   try:
@@ -56,7 +43,7 @@ def main(argv):
   except (ValueError, OSError, ConversionError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)
-  size = parse_size(FLAGS.size, model.downsample, getattr(model, "default_size", None))
+  size = cli.parse_size(FLAGS.size, model.downsample, getattr(model, "default_size", None))
   if kw:
     init = kw["init_images"][0]
     if FLAGS.size is not None and init.shape[:2] != size:

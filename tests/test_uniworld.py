@@ -19,34 +19,13 @@ from unimm_jax.models import flux, qwen_vl, uniworld, vae_kl
 from unimm_jax.sampling import flux as flux_sampling
 from unimm_jax.sampling import uniworld as sampling
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "uniworld")
+from uniworld_tiny import FIXTURES, release_dirs, task_head_file, tiny_flux_dir
+
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def fixture(name):
   return dict(np.load(os.path.join(FIXTURES, name)))
-
-
-def release_dirs(root, with_weights=True):
-  """The fixture laid out as the release directories: UniWorld (config.json + weights + processor), SigLIP
-  (config.json; its weights sit in the bundle as siglip.*), FLUX.1-dev (vae/config.json, scheduler/)."""
-  with open(os.path.join(FIXTURES, "config.json")) as f:
-    c = json.load(f)
-  dirs = {n: os.path.join(root, n) for n in ("uniworld", "siglip", "flux")}
-  for d in (*dirs.values(), os.path.join(dirs["flux"], "vae"), os.path.join(dirs["flux"], "scheduler")):
-    os.makedirs(d, exist_ok=True)
-  for path, content in ((os.path.join(dirs["uniworld"], "config.json"), c["univa_config"]),
-                        (os.path.join(dirs["siglip"], "config.json"), c["siglip_config"]),
-                        (os.path.join(dirs["flux"], "vae", "config.json"), c["flux_vae_config"]),
-                        (os.path.join(dirs["flux"], "scheduler", "scheduler_config.json"), c["flux_scheduler_config"])):
-    with open(path, "w") as f:
-      json.dump(content, f)
-  if with_weights:
-    os.symlink(os.path.join(FIXTURES, "uniworld.safetensors"), os.path.join(dirs["uniworld"], "model.safetensors"))
-  proc = os.path.join(FIXTURES, "qwen_processor")
-  for n in os.listdir(proc):
-    os.symlink(os.path.join(proc, n), os.path.join(dirs["uniworld"], n))
-  return dirs, c
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +202,84 @@ def test_convert_cli_writes_a_loadable_directory(tmp_path, converted):
     assert os.path.isfile(os.path.join(dst, name)), name
   with pytest.raises(ConversionError):   # an existing destination is left as it is without --overwrite
     convert_uniworld.convert_cli("v1", dirs["uniworld"], dst, {"flux": dirs["flux"], "siglip": dirs["siglip"]}, False)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipeline")
+  dirs, _ = release_dirs(str(root))
+  tiny_flux_dir(dirs["flux"])
+  head = task_head_file(str(root / "task_head_final.pt"))
+  dst = str(root / "uniworld_tiny")
+  report = convert_uniworld.convert_cli("v1", dirs["uniworld"], dst, {
+      "flux": dirs["flux"], "siglip": dirs["siglip"], "task_head": str(root / "task_head_final.pt")}, False)
+  return dst, report, head
+
+
+@pytest.mark.slow   # converts and saves five checkpoints, compiles the whole pipeline
+def test_pipeline_conditioning_generate_edit_answer(pipeline_dir, converted):
+  dst, report, _ = pipeline_dir
+  assert report["task_head"] and report["sources"]["t5"] and report["sources"]["clip"]
+  pipe = unimm_jax.load_pipeline(dst)
+  b, c = fixture("case_b_edit_conditioning.npz"), converted["c"]
+  ref = b["ref_image_uint8"][0]
+  context, pooled = pipe.conditioning(c["cases"]["edit_prompt"], [ref])
+  # the VLM part is the fixture's; the T5 part the stand-in text encoder's over t5_len padded tokens
+  assert context.shape == (1, pipe.t5_len + b["vlm_embeds"].shape[1], 32) and pooled.shape == (1, 24)
+  np.testing.assert_allclose(context[:, pipe.t5_len:], b["vlm_embeds"], **TOL)
+  cfg = pipe.sampler_config(steps=2)
+  assert cfg.steps == 2 and cfg.guidance == 3.5
+  pipe.anchor_pixels = 64 * 64
+  edited = pipe.edit([ref], [c["cases"]["edit_prompt"]], cfg, seed=1)[0]
+  assert edited.shape == (64, 64, 3) and edited.dtype == np.uint8
+  image = pipe.generate(["a dog"], (32, 48), cfg)[0]
+  assert image.shape == (32, 48, 3)
+  answer = pipe.answer([ref], ["what is this?"], max_new_tokens=3)
+  assert len(answer) == 1 and isinstance(answer[0], str)
+  with pytest.raises(ValueError, match="negative"):
+    pipe.generate(["a dog"], (32, 32), cfg, negative="blurry")
+
+
+@pytest.mark.slow   # shares pipeline_dir's conversion
+def test_task_head_route_reads_the_last_assistant_token(pipeline_dir, converted):
+  """cli.py: task_head(hidden of the last `assistant` token) with logit 1 > logit 0 = generate. The position comes
+  from the tokenizer (Qwen2.5's one token 77091; the last piece where a vocabulary splits the word)."""
+  import torch
+  dst, _, head = pipeline_dir
+  pipe = unimm_jax.load_pipeline(dst)
+  b, c = fixture("case_b_edit_conditioning.npz"), converted["c"]
+  ids = b["input_ids"][0]
+  pieces = pipe.tokenizer("assistant", add_special_tokens=False)["input_ids"]
+  index = sampling.assistant_index(ids, pipe.tokenizer)
+  assert list(ids[index - len(pieces) + 1:index + 1]) == pieces and index == len(ids) - 2   # before the "\n"
+  logits = uniworld.UniWorld(pipe.cfg).apply({"params": pipe.params}, jnp.asarray(b["lm_last_hidden"]),
+                                             jnp.asarray([index]), method=uniworld.UniWorld.route)
+  with torch.no_grad():
+    want = head.eval()(torch.from_numpy(b["lm_last_hidden"][:, index])).numpy()
+  np.testing.assert_allclose(logits, want, **TOL)
+  choice = pipe.route(c["cases"]["edit_prompt"], [b["ref_image_uint8"][0]])
+  assert choice == ("generate" if want[0, 0] < want[0, 1] else "answer")
+  with pytest.raises(ValueError, match="no `assistant`"):
+    sampling.assistant_index(ids[:-3], pipe.tokenizer)
+
+
+@pytest.mark.slow   # loads the pipeline twice
+def test_sampling_as_trained_drops_t5_and_pools_the_empty_prompt(pipeline_dir):
+  """The train/infer asymmetry: cli.py samples with [T5(prompt), VLM] and CLIP(prompt) pooled; the yamls trained
+  with drop_t5_rate 1.0 (no T5, CLIP("") pooled), which load(t5=False) reproduces."""
+  dst, _, _ = pipeline_dir
+  joint, trained = sampling.load(dst), sampling.load(dst, t5=False)
+  t5, pooled = joint.text_embeds("a dog")
+  assert t5.shape == (1, joint.t5_len, 32)
+  none, pooled_trained = trained.text_embeds("a dog")
+  assert none is None
+  np.testing.assert_allclose(pooled_trained, joint.text_embeds("")[1], atol=0)
+  assert np.abs(np.asarray(pooled_trained) - np.asarray(pooled)).max() > 1e-3
+  context, _ = trained.conditioning("a dog")
+  np.testing.assert_allclose(context, joint.conditioning("a dog")[0][:, joint.t5_len:], **TOL)
+
+
+def test_dynamic_resize_as_anyres_util():
+  assert sampling.dynamic_resize(112, 112, 64 * 64) == (64, 64)
+  assert sampling.dynamic_resize(1080, 1920) == (32 * 9 * 3, 32 * 16 * 3)   # 16:9, scale round(2.67)
+  assert sampling.dynamic_resize(1000, 760) == (32 * 4 * 9, 32 * 3 * 9)    # w/h 0.76 -> 3:4, scale 9

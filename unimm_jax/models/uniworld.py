@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import flax.struct
@@ -37,8 +37,6 @@ from unimm_jax.models.flux import FluxConfig
 from unimm_jax.models.qwen_vl import QwenVLConfig, VisionInputs
 from unimm_jax.models.siglip import SiglipVisionConfig
 
-ASSISTANT_TOKEN_ID = 77091   # `assistant` of the Qwen2.5 tokenizer: cli.py routes on its last occurrence
-
 
 @dataclasses.dataclass(frozen=True)
 class UniWorldConfig(DictConfig):
@@ -49,11 +47,12 @@ class UniWorldConfig(DictConfig):
   vae_input: int = 64                      # vae_projector input (packed VAE latents; trained, unused at inference)
   task_head: bool = False                  # the gen-vs-answer router of task_head_final.pt
   task_head_hidden: int = 10240            # cli.py: Linear(3584, 10240) -> SiLU -> Dropout -> Linear(10240, 2)
-  assistant_token_id: int = ASSISTANT_TOKEN_ID
   # Runtime choices for every tower: they change speed and memory, never the numbers.
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention_impl: str = "auto"
+  # the router's token is found from the tokenizer (sampling/uniworld.assistant_index), not stored as an id
+  RETIRED_FIELDS: ClassVar[tuple[str, ...]] = ("assistant_token_id",)
 
   def __post_init__(self):
     push_runtime(self, ("vlm", "denoiser", "siglip"), ("dtype", "param_dtype", "attention_impl"))
@@ -80,8 +79,7 @@ class UniWorldConfig(DictConfig):
     vlm = QwenVLConfig.tiny()
     return cls(**{**dict(vlm=vlm, denoiser=FluxConfig.tiny(),
                          siglip=SiglipVisionConfig.tiny(use_head=False),
-                         image_end_token_id=vlm.vision_end_token_id, task_head_hidden=32,
-                         assistant_token_id=vlm.text.vocab - 5), **kw})
+                         image_end_token_id=vlm.vision_end_token_id, task_head_hidden=32), **kw})
 
 
 def config_from_hf(d: Mapping[str, Any], siglip_config: Mapping[str, Any], task_head_hidden: int | None = None
@@ -117,6 +115,7 @@ class Connector(nn.Module):
   """[... i] -> [... o]: Linear(i, m) -> SiLU -> Linear(m, o), the original's `nn.Sequential` indices 0 and 2."""
 
   widths: tuple[int, int, int]
+  out_axis: str | None = "embed"   # None for the task head's 2 logits (too few to shard)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -125,7 +124,7 @@ class Connector(nn.Module):
     i, m, o = self.widths
     kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype)
     x = nn.silu(DenseGeneral((i,), (m,), ("embed", "mlp"), name="layers_0", **kw)(x))
-    return DenseGeneral((m,), (o,), ("mlp", "embed"), name="layers_2", **kw)(x)
+    return DenseGeneral((m,), (o,), ("mlp", self.out_axis), name="layers_2", **kw)(x)
 
 
 @flax.struct.dataclass
@@ -180,7 +179,7 @@ class UniWorld(nn.Module):
     self.siglip_projector = Connector((cfg.siglip.embed, 3 * c, c), **kw)
     self.vae_projector = Connector((cfg.vae_input, cfg.denoiser.embed, c), **kw)
     if cfg.task_head:
-      self.task_head = Connector((cfg.vlm.text.embed, cfg.task_head_hidden, 2), **kw)
+      self.task_head = Connector((cfg.vlm.text.embed, cfg.task_head_hidden, 2), out_axis=None, **kw)
 
   def hidden(self, input_ids: jax.Array, vision: VisionInputs | None = None, *,
              positions: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -207,13 +206,12 @@ class UniWorld(nn.Module):
                             jnp.zeros((1, text.shape[-1]), text.dtype)])
     return jnp.take(rows, insertion.index, axis=0)
 
-  def route(self, hidden: jax.Array, input_ids: jax.Array) -> jax.Array:
-    """Task-head logits [b 2] on the last `assistant` token of each row (logit 1 > logit 0: generate)."""
+  def route(self, hidden: jax.Array, index: jax.Array) -> jax.Array:
+    """Task-head logits [b 2] on hidden [b t d] at index [b], the last `assistant` token of each row
+    (sampling/uniworld.assistant_index); logit 1 > logit 0 means generate. The head runs in float32 (cli.py)."""
     if not self.cfg.task_head:
-      raise ValueError("UniWorld.route: this checkpoint has no task head (convert with --task-head)")
-    t = input_ids.shape[1]
-    last = jnp.max(jnp.where(input_ids == self.cfg.assistant_token_id, jnp.arange(t), -1), axis=1)
-    picked = jnp.take_along_axis(hidden, jnp.maximum(last, 0)[:, None, None], axis=1)[:, 0]
+      raise ValueError("UniWorld.route: this checkpoint has no task head (convert with --task_head)")
+    picked = jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
     return self.task_head(picked.astype(jnp.float32))
 
   def __call__(self, input_ids: jax.Array, vision: VisionInputs | None = None, siglip_pixels: jax.Array | None = None,
@@ -231,7 +229,7 @@ class UniWorld(nn.Module):
     if latents is not None:
       result["velocity"] = self.denoiser(latents, embeds, pooled, timestep, img_ids, txt_ids, guidance)
     if self.cfg.task_head:
-      result["route"] = self.route(out.last_hidden_state, input_ids)
+      result["route"] = self.route(out.last_hidden_state, jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1))
     return result
 
 

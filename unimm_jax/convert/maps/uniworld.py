@@ -29,9 +29,9 @@ SIGLIP, VAE, TASK_HEAD = "siglip.", "vae.", "task_head."
 
 def _connector(source: str, target: str, second: int = 2) -> tuple:
   """nn.Sequential(Linear, SiLU, [Dropout,] Linear) under the regex prefix `source` -> a uniworld.Connector."""
-  pairs = ((0, 0), (second, 2))
-  return (tuple((source + rf"{i}\.weight", f"{target}/layers_{j}/kernel", T.transpose) for i, j in pairs)
-          + tuple((source + rf"{i}\.bias", f"{target}/layers_{j}/bias", T.identity) for i, j in pairs))
+  pairs, target = ((0, 0), (second, 2)), target and target + "/"
+  return (tuple((source + rf"{i}\.weight", f"{target}layers_{j}/kernel", T.transpose) for i, j in pairs)
+          + tuple((source + rf"{i}\.bias", f"{target}layers_{j}/bias", T.identity) for i, j in pairs))
 
 
 RULES = (
@@ -41,7 +41,7 @@ RULES = (
       for rule in _connector(rf"denoise_tower\.{name}\.", name)),
 )
 RULES_SIGLIP = prefixed(siglip_map.RULES_SIGLIP, r"vision_model\.", "")
-RULES_TASK_HEAD = _connector("", "task_head", second=3)
+RULES_TASK_HEAD = _connector("", "", second=3)   # relative to task_head/ (its Part fills that sub-tree)
 
 
 def ignore(cfg: uniworld.UniWorldConfig) -> tuple[str, ...]:
@@ -70,6 +70,7 @@ def parts(cfg: uniworld.UniWorldConfig, vae_cfg: vae_kl.AutoencoderKLConfig) -> 
 FAMILY = Family(
     name="uniworld", config_cls=uniworld.UniWorldConfig, module=uniworld.UniWorld,
     example_inputs=uniworld.example_inputs, rules=lambda cfg: RULES, ignore=ignore,
+    pipeline="unimm_jax.sampling.uniworld:load",
     reference=Reference(
         flag="uniworld", help="UniWorld release (v1) in --src (the LanguageBind/UniWorld-V1 directory), with "
         "--flux and --siglip [--task_head]", convert="unimm_jax.convert.uniworld:convert_cli",
