@@ -3,6 +3,7 @@ instruction -> edited PNG. Sampling flags left out take the family's defaults.
 
   python scripts/edit.py --ckpt DIR --image in.png --instruction "make the circle blue"
       [--steps 50] [--guidance 7.5] [--image_guidance 0] [--seed 0] [--out edited.png]
+      [--strength 0.6 [--init-image start.png]]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ cli.define_sampling_flags("null instruction for text guidance", image_guidance=T
 flags.DEFINE_string("image", None, "source image (resized to a multiple of the token size)", required=True)
 flags.DEFINE_string("instruction", None, "edit instruction", required=True)
 flags.DEFINE_string("out", "edited.png", "output PNG")
+cli.define_init_flags("image the edit starts from at --strength < 1 (default: the source image)")
 
 
 def main(argv):
@@ -29,10 +31,11 @@ def main(argv):
     model = unimm_jax.load_pipeline(FLAGS.ckpt)
     src = model.read_image(FLAGS.image)
     cfg = model.sampler_config(**cli.sampler_overrides(FLAGS))
+    kw = cli.read_init_image(model, "edit", FLAGS.init_image)
   except (ValueError, OSError, ConversionError) as e:
     print(f"edit: error: {e}", file=sys.stderr)
     sys.exit(2)
-  out = model.edit([src], [FLAGS.instruction], cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True)
+  out = model.edit([src], [FLAGS.instruction], cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True, **kw)
   Image.fromarray(out[0]).save(FLAGS.out)
   print(FLAGS.out)
 

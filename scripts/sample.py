@@ -3,6 +3,7 @@ PNG per prompt (and a grid).
 
   python scripts/sample.py --ckpt DIR --prompt "a red circle on the left" [--prompt ...]
       [--size 512x512] [--steps 50] [--guidance 7.5] [--shift 3] [--negative ""] [--seed 0] [--out samples/]
+      [--init-image in.png --strength 0.6]
 Sampling flags left out take the family's defaults (TUNA: 50 steps, guidance 7.5, shift 3).
 """
 
@@ -24,8 +25,10 @@ cli.define_sampling_flags("negative / null prompt for classifier-free guidance")
 flags.DEFINE_multi_string("prompt", None, "prompt (repeat for several images)", required=True)
 flags.DEFINE_string("size", None, "HxW in pixels, a multiple of the token size (default: 32 tokens a side)")
 flags.DEFINE_string("out", "samples", "output directory")
+cli.define_init_flags("image to start every prompt from (image-to-image, with --strength < 1); sets the size")
 flags.DEFINE_bool("all_scales", False, "Ming-Lite-Uni: also write the images of the coarser query scales "
                   "(NNN_4x4.png, ...), which the original computes and discards")
+flags.DEFINE_alias("all-scales", "all_scales")
 
 
 def parse_size(size: str | None, downsample: int, default: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -49,10 +52,17 @@ def main(argv):
     if extra and not hasattr(model, "generate_scales"):
       raise ValueError(f"{FLAGS.ckpt}: --all_scales is for Ming-Lite-Uni checkpoints (multi-scale queries)")
     cfg = model.sampler_config(**cli.sampler_overrides(FLAGS), **extra)
+    kw = cli.read_init_image(model, "generate", FLAGS.init_image)
   except (ValueError, OSError, ConversionError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)
   size = parse_size(FLAGS.size, model.downsample, getattr(model, "default_size", None))
+  if kw:
+    init = kw["init_images"][0]
+    if FLAGS.size is not None and init.shape[:2] != size:
+      raise app.UsageError(f"--size {FLAGS.size}: the init image {FLAGS.init_image} is {init.shape[0]}x"
+                           f"{init.shape[1]} pixels (after rounding to the token size); leave --size out")
+    size = init.shape[:2]
   if FLAGS.all_scales:
     os.makedirs(FLAGS.out, exist_ok=True)
     for i, (prompt, per_scale) in enumerate(zip(FLAGS.prompt, model.generate_scales(
@@ -62,7 +72,7 @@ def main(argv):
         Image.fromarray(img).save(path)
         print(f"{path}\t{prompt}")
     return
-  images = model.generate(FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True)
+  images = model.generate(FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True, **kw)
   os.makedirs(FLAGS.out, exist_ok=True)
   for i, (prompt, img) in enumerate(zip(FLAGS.prompt, images)):
     path = os.path.join(FLAGS.out, f"{i:03d}.png")

@@ -121,3 +121,77 @@ def test_understanding_with_kv_cache_equals_full_recompute_greedy(model):
       logits = m.apply({"params": params}, {**b, "x_t": b["x1"], "span_t": jnp.ones((1, 1))}).logits
       tokens.append(int(jnp.argmax(logits[0, len(full["input_ids"]) - 1])))
     assert got.tolist() == tokens
+
+
+def _hand_velocity(m, params, samples, span, weights):
+  """The guided velocity built by hand: one model call per branch row, clean spans at t = 1 as in training."""
+  o = m.cfg.token_features
+  rows = [packing.pack_row([s], 32) for s in samples]
+  n_spans = max(int(r["span_ids"].max()) for r in rows)
+  bs = [{k: jnp.asarray(v) for k, v in ts.to_batch([r], n_spans, o).items()} for r in rows]
+  slots = [np.flatnonzero((s["span_local"] == span) & ~s["time_slot"]) for s in samples]
+
+  def velocity(x, t):
+    preds = []
+    for b, sl in zip(bs, slots):
+      x_t = b["x1"].at[0, sl].set(x[0])
+      span_t = jnp.ones((1, n_spans)).at[0, span - 1].set(t)
+      preds.append(m.apply({"params": params}, {**b, "x_t": x_t, "span_t": span_t}).prediction[0, sl][None])
+    return sum(w * p for w, p in zip(weights, preds))
+
+  return velocity
+
+
+def test_given_noise_and_init_at_a_strength_equal_the_hand_built_euler(model):
+  m, params = model
+  o = m.cfg.token_features
+  sampler = sampling.TunaSampler(m, params, tuna_tiny.TOK)
+  rng = np.random.default_rng(7)
+  noise, init = (rng.normal(size=(1, 2, 3, o)).astype(np.float32) for _ in range(2))
+  cfg = sampling.FlowSamplerConfig(steps=5, guidance=3.0, strength=0.6)
+  got = sampler.text_to_image([[10, 11]], (2, 3), cfg, noise=noise, init=init)
+  grid = sampling.time_grid(5, 3.0)[2:]            # int((1 - 0.6) * 5) = 2 points dropped, as the reference
+  np.testing.assert_array_equal(sampling.start_grid(5, 3.0, 0.6), grid)
+  blank = np.zeros((2, 3, o), np.float32)
+  velocity = _hand_velocity(m, params, [ts.t2i_sample(p, blank, tuna_tiny.TOK) for p in ([10, 11], [])], 1,
+                            flow.text_guidance(3.0))
+  x = grid[0] * init.reshape(1, 6, o) + (1 - grid[0]) * noise.reshape(1, 6, o)
+  want = flow.euler(velocity, jnp.asarray(x), grid)
+  np.testing.assert_allclose(got, np.asarray(want).reshape(got.shape), atol=1e-5)
+  # given noise == the noise the seed draws; strength 1 starts from it on the full grid
+  drawn = np.asarray(jax.random.normal(jax.random.key(3), (1, 6, o))).reshape(1, 2, 3, o)
+  full = dataclasses.replace(cfg, strength=1.0, guidance=1.0)
+  np.testing.assert_array_equal(sampler.text_to_image([[10, 11]], (2, 3), full, noise=drawn),
+                                sampler.text_to_image([[10, 11]], (2, 3), full, seed=3))
+
+
+def test_strength_zero_returns_the_init_and_an_edit_starts_from_its_source(model):
+  m, params = model
+  o = m.cfg.token_features
+  sampler = sampling.TunaSampler(m, params, tuna_tiny.TOK)
+  src = np.random.default_rng(1).normal(size=(2, 2, o)).astype(np.float32)
+  zero = sampling.FlowSamplerConfig(steps=3, guidance=1.0, strength=0.0)
+  np.testing.assert_array_equal(sampler.text_to_image([[10]], (2, 2), zero, init=src[None]), src[None])
+  np.testing.assert_array_equal(sampler.edit([src], [[18]], zero), src[None])
+  other = src[::-1].copy()
+  np.testing.assert_array_equal(sampler.edit([src], [[18]], zero, init=other[None]), other[None])
+  with pytest.raises(ValueError, match="needs an init image"):
+    sampler.text_to_image([[10]], (2, 2), dataclasses.replace(zero, strength=0.5))
+  with pytest.raises(ValueError, match="no effect at strength 1"):
+    sampler.text_to_image([[10]], (2, 2), dataclasses.replace(zero, strength=1.0), init=src[None])
+  with pytest.raises(ValueError, match=r"noise of shape \(1, 2, 3"):
+    sampler.text_to_image([[10]], (2, 2), dataclasses.replace(zero, strength=1.0), noise=np.zeros((1, 2, 3, o)))
+  with pytest.raises(ValueError, match="strength must be in"):
+    sampling.FlowSamplerConfig(strength=1.5)
+
+
+def test_a_seed_per_request_does_not_depend_on_the_batch(model):
+  m, params = model
+  sampler = sampling.TunaSampler(m, params, tuna_tiny.TOK)
+  cfg = sampling.FlowSamplerConfig(steps=3, guidance=1.0)
+  both = sampler.text_to_image([[10, 11], [12]], (2, 2), cfg, seed=[4, 9])
+  alone = sampler.text_to_image([[12]], (2, 2), cfg, seed=[9])
+  np.testing.assert_allclose(both[1], alone[0], atol=1e-5)
+  assert np.abs(sampler.text_to_image([[12]], (2, 2), cfg, seed=[8]) - alone).max() > 1e-3
+  with pytest.raises(ValueError, match="2 seeds for 1 requests"):
+    sampler.text_to_image([[12]], (2, 2), cfg, seed=[1, 2])

@@ -38,6 +38,11 @@ def test_tuna_scripts_end_to_end_on_the_tiny_config(tmp_path):
           "--steps", "3", "--out", str(out))
   assert sorted(os.listdir(out)) == ["000.png", "001.png", "grid.png"]
   assert Image.open(out / "000.png").size == (12, 8) and "red circle" in r.stdout
+  # image-to-image at strength 0 returns the init image (its size taken from the file)
+  run("scripts/sample.py", "--ckpt", ckpt, "--prompt", "red circle", "--init-image", str(out / "001.png"),
+      "--strength", "0", "--steps", "3", "--out", str(tmp_path / "i2i"))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "i2i" / "000.png")),
+                                np.asarray(Image.open(out / "001.png")))
   run("scripts/edit.py", "--ckpt", ckpt, "--image", str(out / "000.png"), "--instruction", "make it blue",
       "--steps", "3", "--out", str(tmp_path / "edited.png"))
   assert Image.open(tmp_path / "edited.png").size == (12, 8)

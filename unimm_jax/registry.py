@@ -41,6 +41,7 @@ FAMILIES: dict[str, str] = {
 TASKS: dict[str, str | Callable] = {
     "lm": "unimm_jax.training.lm:build",
     "tuna": "unimm_jax.training.tuna_task:build",
+    "ming": "unimm_jax.training.ming_task:build",
 }
 
 # config.data.name -> builder(config, batch_per_process, process_index, process_count) -> grain.IterDataset
@@ -48,6 +49,7 @@ DATASETS: dict[str, str | Callable] = {
     "synthetic_tokens": "unimm_jax.data.synthetic:from_config",
     "shapes_tuna": "unimm_jax.data.tuna_data:shapes_from_config",
     "tuna_streams": "unimm_jax.data.tuna_data:streams_from_config",
+    "shapes_ming": "unimm_jax.data.ming_data:shapes_from_config",
 }
 
 

@@ -120,7 +120,8 @@ class Ming(nn.Module):
     self.llm = qwen.Qwen(cfg.text)
     self.connector = qwen.Qwen(cfg.connector)
     self.linear_proj_0 = DenseGeneral((o,), (d,), ("mlp", "embed"), True, **kw)
-    self.linear_proj_2 = DenseGeneral((d,), (d,), ("embed", "embed"), True, **kw)
+    # a logical axis may name one dimension only (sharding): the square layer's input is sharded as an MLP's
+    self.linear_proj_2 = DenseGeneral((d,), (d,), ("mlp", "embed"), True, **kw)
     self.proj_in = DenseGeneral((d,), (c,), ("embed", "mlp"), True, **kw)
     self.proj_out = DenseGeneral((c,), (d,), ("mlp", "embed"), True, **kw)
     # init as the release: L2-normalised randn per query

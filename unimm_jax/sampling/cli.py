@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from absl import flags
@@ -21,7 +22,25 @@ def define_sampling_flags(negative_help: str, *, image_guidance: bool = False) -
   flags.DEFINE_integer("seed", 0, "noise seed")
 
 
+def define_init_flags(init_help: str) -> None:
+  """--init_image (also spelt --init-image) and --strength: image-to-image from a given image."""
+  flags.DEFINE_string("init_image", None, init_help)
+  flags.DEFINE_alias("init-image", "init_image")
+  flags.DEFINE_float("strength", None, "start point on the time grid: 1 = pure noise (default), 0 = the init image")
+
+
+def read_init_image(model: Any, method: str, path: str | None) -> dict[str, Any]:
+  """`{"init_images": [image]}` for `model.<method>` from --init-image (empty without it); a clear error for a
+  family whose sampler starts from noise only."""
+  if path is None:
+    return {}
+  if "init_images" not in inspect.signature(getattr(model, method)).parameters:
+    raise ValueError(f"--init-image {path}: {type(model).__name__}.{method} starts from noise only "
+                     "(image-to-image is a TUNA option)")
+  return {"init_images": [model.read_image(path)]}
+
+
 def sampler_overrides(values: Any) -> dict[str, Any]:
   """The sampling flags given on the command line, for `pipeline.sampler_config(**overrides)`."""
-  names = SAMPLER_FLAGS + (("image_guidance",) if "image_guidance" in values else ())
+  names = SAMPLER_FLAGS + tuple(n for n in ("image_guidance", "strength") if n in values)
   return {n: values[n].value for n in names}

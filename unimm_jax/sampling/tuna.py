@@ -35,15 +35,28 @@ class FlowSamplerConfig:
   shift: float = 3.0
   guidance: float = 7.5          # text guidance; 1 = conditional only
   image_guidance: float = 0.0    # editing: > 0 adds a branch without the source image (InstructPix2Pix style)
+  # The reference's `noise_level`: 1 starts from pure noise; < 1 starts later on the grid from an init image
+  # noised to that grid point (image-to-image); 0 returns the init image (start_grid).
+  strength: float = 1.0
 
   def __post_init__(self):
     if self.steps < 2:
       raise ValueError(f"FlowSamplerConfig.steps must be >= 2 (grid points), got {self.steps}")
+    if not 0.0 <= self.strength <= 1.0:
+      raise ValueError(f"FlowSamplerConfig.strength must be in [0, 1], got {self.strength}")
 
 
 def time_grid(steps: int, shift: float) -> np.ndarray:
   """TUNA's grid of t = 1 - sigma, from noise (0) to clean (1)."""
   return (1.0 - flow.shifted_grid(steps, shift)).astype(np.float32)
+
+
+def start_grid(steps: int, shift: float, strength: float) -> np.ndarray:
+  """The grid points from `strength` on: the reference's ode(noise_level=...) drops the first
+  int((1 - noise_level) * steps) points of the full grid (integrators.py). Where that drops every point
+  (strength 0) the reference has no grid to start from; we keep the last point t = 1, so no step is taken
+  and the init image comes back unchanged."""
+  return time_grid(steps, shift)[min(int((1.0 - strength) * steps), steps - 1):]
 
 
 def _rows(samples: Sequence[dict], multiple: int = 16) -> tuple[list[dict], int]:
@@ -95,9 +108,44 @@ class TunaSampler:
     b["span_t_clean"] = jnp.ones(b["span_clean"].shape, jnp.float32)
     return b
 
+  def _start(self, n: int, shape: tuple[int, int, int], cfg: FlowSamplerConfig, seed: int | Sequence[int],
+             noise: np.ndarray | None, init: np.ndarray | None, where: str) -> tuple[jax.Array, np.ndarray]:
+    """The initial state [n N o] and the grid it starts on.
+
+    noise: the initial noise [n h w o], else drawn: an int seed draws the whole batch at once (one key), a
+    sequence of seeds draws request i from its own key, so an image does not depend on its batch mates.
+    init: clean image tokens [n h w o] to start from at strength < 1, noised along the training path to the
+    grid's first point t0: t0 init + (1 - t0) noise. (The reference's `input_latents` is assigned and never
+    used, and its `reca_mode` starts from the clean latents without noise; we follow the flow's path.)"""
+    h, w, o = shape
+    if noise is None:
+      if np.ndim(seed) == 0:
+        noise = jax.random.normal(jax.random.key(int(seed)), (n, h * w, o))
+      elif len(seed) != n:
+        raise ValueError(f"{where}: {len(seed)} seeds for {n} requests")
+      else:
+        noise = jnp.stack([jax.random.normal(jax.random.key(int(s)), (h * w, o)) for s in seed])
+    elif np.shape(noise) != (n, h, w, o):
+      raise ValueError(f"{where}: noise of shape {np.shape(noise)}, expected {(n, h, w, o)}")
+    else:
+      noise = jnp.asarray(noise, jnp.float32).reshape(n, h * w, o)
+    grid = start_grid(cfg.steps, cfg.shift, cfg.strength)
+    if init is None:
+      if cfg.strength < 1.0:
+        raise ValueError(f"{where}: strength {cfg.strength} < 1 needs an init image to start from")
+      return noise, grid
+    if cfg.strength == 1.0:
+      raise ValueError(f"{where}: an init image has no effect at strength 1 (pure noise); give strength < 1")
+    if np.shape(init) != (n, h, w, o):
+      raise ValueError(f"{where}: init image tokens of shape {np.shape(init)}, expected {(n, h, w, o)}")
+    t0 = float(grid[0])
+    return t0 * jnp.asarray(init, jnp.float32).reshape(n, h * w, o) + (1.0 - t0) * noise, grid
+
   def text_to_image(self, prompts: Sequence[Sequence[int]], grid: tuple[int, int], cfg: FlowSamplerConfig,
-                    *, negative: Sequence[int] = (), seed: int = 0, progress: bool = False) -> np.ndarray:
-    """Token-id prompts -> clean image tokens [n h w o] of a `grid` = (h, w) token grid."""
+                    *, negative: Sequence[int] = (), seed: int | Sequence[int] = 0, noise: np.ndarray | None = None,
+                    init: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+    """Token-id prompts -> clean image tokens [n h w o] of a `grid` = (h, w) token grid (_start: seed, noise,
+    init)."""
     h, w = grid
     o = self.module.cfg.token_features
     blank = np.zeros((h, w, o), np.float32)
@@ -108,13 +156,15 @@ class TunaSampler:
     batch = self._batch(samples)
     slots = np.stack([_image_slots(s, 1) for s in samples])
     velocity = self._velocity_fn(batch, slots, np.zeros(len(samples), np.int32), weights)
-    x0 = jax.random.normal(jax.random.key(seed), (len(prompts), h * w, o))
-    x1 = flow.euler(velocity, x0, time_grid(cfg.steps, cfg.shift), progress)
+    x, t_grid = self._start(len(prompts), (h, w, o), cfg, seed, noise, init, "text_to_image")
+    x1 = flow.euler(velocity, x, t_grid, progress)
     return np.asarray(x1).reshape(len(prompts), h, w, o)
 
   def edit(self, sources: Sequence[np.ndarray], instructions: Sequence[Sequence[int]], cfg: FlowSamplerConfig,
-           *, negative: Sequence[int] = (), seed: int = 0, progress: bool = False) -> np.ndarray:
-    """Clean source image tokens [h w o] (each) + instructions -> edited image tokens [n h w o] (same grids)."""
+           *, negative: Sequence[int] = (), seed: int | Sequence[int] = 0, noise: np.ndarray | None = None,
+           init: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+    """Clean source image tokens [h w o] (each) + instructions -> edited image tokens [n h w o] (same grids)
+    (_start: seed, noise, init; at strength < 1 without an init the edit starts from the sources)."""
     shapes = {s.shape for s in sources}
     if len(shapes) != 1:
       raise ValueError(f"edit: sources of one call must share a grid, got {sorted(shapes)}")
@@ -133,9 +183,11 @@ class TunaSampler:
     batch = self._batch(samples)
     slots = np.stack([_image_slots(s, k) for s, k in zip(samples, spans)])
     velocity = self._velocity_fn(batch, slots, np.asarray(spans, np.int32) - 1, weights)
+    if init is None and cfg.strength < 1.0:
+      init = np.stack(sources)
+    x, t_grid = self._start(len(sources), sources[0].shape, cfg, seed, noise, init, "edit")
+    x1 = flow.euler(velocity, x, t_grid, progress)
     h, w, o = sources[0].shape
-    x0 = jax.random.normal(jax.random.key(seed), (len(sources), h * w, o))
-    x1 = flow.euler(velocity, x0, time_grid(cfg.steps, cfg.shift), progress)
     return np.asarray(x1).reshape(len(sources), h, w, o)
 
   def understand(self, images: Sequence[np.ndarray], prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -230,21 +282,39 @@ class LoadedTuna:
   def to_image(self, tokens: np.ndarray) -> np.ndarray:
     return to_uint8(tokens_to_image(tokens, self.cfg, self.vae))
 
+  def _init_tokens(self, images: Sequence[np.ndarray] | None, n: int, where: str) -> np.ndarray | None:
+    """uint8 init images (one, shared by every request, or one per request) -> image tokens [n h w o]."""
+    if images is None:
+      return None
+    if len(images) not in (1, n):
+      raise ValueError(f"{where}: {len(images)} init images for {n} requests (give 1 or {n})")
+    toks = np.stack([self.to_tokens(i) for i in images])
+    return np.broadcast_to(toks, (n, *toks.shape[1:]))
+
   def generate(self, prompts: Sequence[str], size: tuple[int, int], cfg: FlowSamplerConfig, *, negative: str = "",
-               seed: int = 0, progress: bool = False) -> list[np.ndarray]:
-    """Prompts -> uint8 images of `size` = (H, W) pixels, a multiple of `downsample`."""
+               seed: int | Sequence[int] = 0, init_images: Sequence[np.ndarray] | None = None,
+               progress: bool = False) -> list[np.ndarray]:
+    """Prompts -> uint8 images of `size` = (H, W) pixels, a multiple of `downsample`; at cfg.strength < 1 they
+    start from `init_images` (uint8, of `size`)."""
     d = self.downsample
     if size[0] % d or size[1] % d:
       raise ValueError(f"generate: size {size} is not a multiple of {d} pixels (one image token)")
+    if init_images is not None and any(i.shape[:2] != tuple(size) for i in init_images):
+      raise ValueError(f"generate: init images of {[i.shape[:2] for i in init_images]} pixels for size {size}")
     toks = self.sampler.text_to_image([self.encode_text(p) for p in prompts], (size[0] // d, size[1] // d), cfg,
-                                      negative=self.encode_text(negative), seed=seed, progress=progress)
+                                      negative=self.encode_text(negative), seed=seed,
+                                      init=self._init_tokens(init_images, len(prompts), "generate"),
+                                      progress=progress)
     return [self.to_image(t) for t in toks]
 
   def edit(self, images: Sequence[np.ndarray], instructions: Sequence[str], cfg: FlowSamplerConfig, *,
-           negative: str = "", seed: int = 0, progress: bool = False) -> list[np.ndarray]:
-    """uint8 source images + instructions -> edited uint8 images."""
+           negative: str = "", seed: int | Sequence[int] = 0, init_images: Sequence[np.ndarray] | None = None,
+           progress: bool = False) -> list[np.ndarray]:
+    """uint8 source images + instructions -> edited uint8 images; at cfg.strength < 1 they start from
+    `init_images` (uint8, the sources' size), else from the sources."""
     toks = self.sampler.edit([self.to_tokens(i) for i in images], [self.encode_text(t) for t in instructions], cfg,
-                             negative=self.encode_text(negative), seed=seed, progress=progress)
+                             negative=self.encode_text(negative), seed=seed,
+                             init=self._init_tokens(init_images, len(images), "edit"), progress=progress)
     return [self.to_image(t) for t in toks]
 
   def answer(self, images: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int = 32,
