@@ -199,7 +199,9 @@ class StreamBlock(nn.Module):
 class DoubleStreamBlock(StreamBlock):
   """FluxTransformerBlock: each stream is modulated by vec (AdaLN-Zero: shift, scale, gate for attention and
   MLP), both attend jointly over [text; image], then each has its own MLP.
-  ((img [b n d], txt [b T d]), None, vec [b d], angles [1 T+n e/2]) -> ((img, txt), None).
+  ((img [b n d], txt [b T d]), None, vec [b d], angles [1 T+n e/2][, segment_ids [b T+n]]) -> ((img, txt), None);
+  segment_ids (0 = padding) mask padded text tokens out of the joint attention (a batch of prompts of unequal
+  lengths); None: every token attends to every token.
 
   image_self_attention: Ovis-U1's MMDiT-X (DoubleStreamXBlock): a third image modulation (9 chunks: joint,
   MLP, self) drives an image-only self-attention (`img_self_attn`, QK-norm, RoPE of the image ids) on the
@@ -208,7 +210,7 @@ class DoubleStreamBlock(StreamBlock):
   image_self_attention: bool = False
 
   @nn.compact
-  def __call__(self, x, own, vec, angles):
+  def __call__(self, x, own, vec, angles, segment_ids=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d = self.features
     img, txt = x
@@ -219,7 +221,7 @@ class DoubleStreamBlock(StreamBlock):
     attn_txt, attn_img = JointAttention(
         d, self.heads, self.head_dim, streams=("txt", "img"), norm_eps=self.eps, impl=self.impl, name="attn", **kw)(
             [modulate(norm(txt), txt_mod[0], txt_mod[1]), modulate(norm(img), img_mod[0], img_mod[1])],
-            rope_fn=_rope(angles))
+            rope_fn=_rope(angles), segment_ids=segment_ids)
     img_self = None
     if self.image_self_attention:
       shift3, scale3, gate3 = img_mod[6:]
@@ -241,10 +243,10 @@ class DoubleStreamBlock(StreamBlock):
 class SingleStreamBlock(StreamBlock):
   """FluxSingleTransformerBlock over x = [text; image]: one modulation (shift, scale, gate), attention and a
   GELU MLP in parallel, their outputs concatenated and projected together.
-  (x [b T+n d], None, vec [b d], angles) -> (x, None)."""
+  (x [b T+n d], None, vec [b d], angles[, segment_ids [b T+n]]) -> (x, None); segment_ids as DoubleStreamBlock."""
 
   @nn.compact
-  def __call__(self, x, own, vec, angles):
+  def __call__(self, x, own, vec, angles, segment_ids=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d, h, e = self.features, self.heads, self.head_dim
     shift, scale, gate = (m[:, None] for m in AdaLNModulation(d, 3, name="norm", **kw)(vec))
@@ -252,7 +254,7 @@ class SingleStreamBlock(StreamBlock):
     mlp = DenseGeneral((d,), (self.mlp,), ("embed", "mlp"), use_bias=True, name="proj_mlp", **kw)(y)
     mlp = nn.with_logical_constraint(activation("gelu_tanh")(mlp), ("act_batch", "act_length", "act_mlp"))
     attn, _ = Attention(d, h, h, e, qkv_bias=True, qk_norm=True, norm_eps=self.eps, out_proj=False,
-                        impl=self.impl, name="attn", **kw)(y, rope_fn=_rope(angles))
+                        impl=self.impl, name="attn", **kw)(y, rope_fn=_rope(angles), segment_ids=segment_ids)
     both = jnp.concatenate([rearrange(attn, "b t h e -> b t (h e)"), mlp], axis=-1)
     out = DenseGeneral((h * e + self.mlp,), (d,), ("mlp", "embed"), use_bias=True, name="proj_out", **kw)(both)
     return nn.with_logical_constraint(x + gate * out, ACT), None

@@ -228,9 +228,10 @@ class OvisU1(nn.Module):
     return self.llm(inputs_embeds=self.embed(input_ids, vision), **decoder_kwargs)
 
   def velocity(self, img: jax.Array, img_ids: jax.Array, txt: jax.Array, timesteps: jax.Array,
-               cond: jax.Array | None = None, cond_ids: jax.Array | None = None) -> jax.Array:
+               cond: jax.Array | None = None, cond_ids: jax.Array | None = None,
+               txt_mask: jax.Array | None = None) -> jax.Array:
     """The decoder's velocity (models/yak.YakTransformer) for the condition `txt` of `condition`."""
-    return self.visual_generator(img, img_ids, txt, timesteps, cond, cond_ids)
+    return self.visual_generator(img, img_ids, txt, timesteps, cond, cond_ids, txt_mask)
 
   def condition(self, input_ids: jax.Array, vision: VisionInputs | None = None, **decoder_kwargs) -> jax.Array:
     """The generator's text condition [b t 2d] = cat(hidden_states[-1], hidden_states[-2]) (generate_condition):

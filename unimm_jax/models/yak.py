@@ -102,8 +102,9 @@ def config_from_hf(d: Mapping[str, Any]) -> YakConfig:
 
 
 class RefinerBlock(nn.Module):
-  """IndividualTokenRefinerBlock: gate-only AdaLN (g_msa, g_mlp from c), biased self-attention without mask,
-  norm or RoPE, SiLU MLP of ratio 4: (x [b 1+T d], None, c [b d]) -> (x, None)."""
+  """IndividualTokenRefinerBlock: gate-only AdaLN (g_msa, g_mlp from c), biased self-attention without norm or
+  RoPE, SiLU MLP of ratio 4: (x [b 1+T d], None, c [b d], segment_ids [b 1+T] or None) -> (x, None). The
+  original has no mask; segment_ids only keep the padding of a batch of unequal prompts out."""
 
   features: int
   heads: int
@@ -113,36 +114,44 @@ class RefinerBlock(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, own, c):
+  def __call__(self, x, own, c, segment_ids=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d = self.features
     gate_msa, gate_mlp = (g[:, None] for g in AdaLNModulation(d, 2, name="modulation", **kw)(c))
     attn, _ = Attention(d, self.heads, self.heads, d // self.heads, qkv_bias=True, o_bias=True, impl=self.impl,
-                        name="attn", **kw)(LayerNorm(d, self.eps, name="norm1", **kw)(x))
+                        name="attn", **kw)(LayerNorm(d, self.eps, name="norm1", **kw)(x), segment_ids=segment_ids)
     x = x + gate_msa * attn
     x = x + gate_mlp * MLP(d, 4 * d, "silu", name="mlp", **kw)(LayerNorm(d, self.eps, name="norm2", **kw)(x))
     return nn.with_logical_constraint(x, ACT), None
 
 
 class TokenRefiner(nn.Module):
-  """SingleTokenRefiner with a CLS token: condition [b T k] -> (tokens [b T d], cls [b d])."""
+  """SingleTokenRefiner with a CLS token: condition [b T k] (+ mask [b T], 1 = token, 0 = padding) ->
+  (tokens [b T d], cls [b d])."""
 
   cfg: YakConfig
 
   @nn.compact
-  def __call__(self, txt: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, txt: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     cfg = self.cfg
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     d = cfg.hidden
-    # the original passes no mask: the mean runs over every position, padding included
-    c = MLP(cfg.context_dim, d, "silu", out_features=d, name="c_embedder", **kw)(jnp.mean(txt, axis=1))
+    # the original passes no mask: the mean runs over every position it is given (a batch of one prompt); the
+    # mask keeps a padded batch equal to one call per prompt
+    if mask is None:
+      pooled, segments = jnp.mean(txt, axis=1), None
+    else:
+      w = mask.astype(txt.dtype)[..., None]
+      pooled = jnp.sum(txt * w, axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1)
+      segments = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1).astype(jnp.int32)
+    c = MLP(cfg.context_dim, d, "silu", out_features=d, name="c_embedder", **kw)(pooled)
     x = DenseGeneral((cfg.context_dim,), (d,), (None, "embed"), True, name="input_embedder", **kw)(txt)
     cls = self.param("cls_token", nn.with_logical_partitioning(nn.initializers.normal(1e-6), (None, None, "embed")),
                      (1, 1, d), kw["param_dtype"])
     x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, d)), x], axis=1)
     blocks = build_layers(RefinerBlock, cfg.refiner_depth, d, 2 * cfg.heads, cfg.norm_eps, cfg.attention_impl,
-                          kw["dtype"], kw["param_dtype"], scan=False, shared=1, name="blocks")
-    x, _, _ = run_layers(blocks, x, None, c)
+                          kw["dtype"], kw["param_dtype"], scan=False, shared=2, name="blocks")
+    x, _, _ = run_layers(blocks, x, None, c, segments)
     return x[:, 1:], x[:, 0]
 
 
@@ -160,24 +169,28 @@ class YakTransformer(nn.Module):
     self.vector_in = MLP(cfg.vec_in_dim, d, "silu", out_features=d, **kw)
     self.txt_in = TokenRefiner(cfg)
     block = (d, cfg.heads, cfg.head_dim, cfg.mlp, cfg.norm_eps, cfg.attention_impl, kw["dtype"], kw["param_dtype"])
-    self.double_blocks = build_layers(DoubleStreamBlock, cfg.depth, *block, True, scan=False, shared=2,
+    self.double_blocks = build_layers(DoubleStreamBlock, cfg.depth, *block, True, scan=False, shared=3,
                                       name="double_blocks")
-    self.single_blocks = build_layers(SingleStreamBlock, cfg.single_depth, *block, scan=False, shared=2,
+    self.single_blocks = build_layers(SingleStreamBlock, cfg.single_depth, *block, scan=False, shared=3,
                                       name="single_blocks")
     self.final_modulation = AdaLNModulation(d, 2, **kw)     # (shift, scale): shift first, unlike diffusers FLUX
     self.final_norm = LayerNorm(d, cfg.norm_eps, use_bias=False, use_scale=False, **kw)
     self.final_linear = DenseGeneral((d,), (cfg.out_channels,), ("embed", None), True, **kw)
 
   def __call__(self, img: jax.Array, img_ids: jax.Array, txt: jax.Array, timesteps: jax.Array,
-               cond: jax.Array | None = None, cond_ids: jax.Array | None = None) -> jax.Array:
+               cond: jax.Array | None = None, cond_ids: jax.Array | None = None,
+               txt_mask: jax.Array | None = None) -> jax.Array:
     """img [b n c] noisy packed latents with img_ids [n 3]; txt [b T k] the LLM condition; timesteps [b] flow
-    time (1 = noise); cond [b m c] / cond_ids [m 3] edit-condition tokens -> velocity [b n out_channels]."""
+    time (1 = noise); cond [b m c] / cond_ids [m 3] edit-condition tokens; txt_mask [b T] (1 = token, 0 =
+    padding) for a batch of conditions of unequal lengths -> velocity [b n out_channels]."""
     cfg = self.cfg
     if img.ndim != 3 or img.shape[-1] != cfg.in_channels or img_ids.shape != (img.shape[1], 3):
       raise ValueError(f"YakTransformer: img {img.shape} / img_ids {img_ids.shape} must be [b n {cfg.in_channels}] "
                        f"/ [n 3]")
     if txt.ndim != 3 or txt.shape[-1] != cfg.context_dim or txt.shape[0] != img.shape[0]:
       raise ValueError(f"YakTransformer: txt {txt.shape} must be [{img.shape[0]} T {cfg.context_dim}]")
+    if txt_mask is not None and txt_mask.shape != txt.shape[:2]:
+      raise ValueError(f"YakTransformer: txt_mask {txt_mask.shape} must be {txt.shape[:2]} (txt's [b T])")
     if (cond is None) != (cond_ids is None):
       raise ValueError("YakTransformer: cond and cond_ids go together")
     n = img.shape[1]
@@ -187,12 +200,15 @@ class YakTransformer(nn.Module):
                          f"[{img.shape[0]} m {cfg.in_channels}] / [m 3]")
       img, img_ids = jnp.concatenate([img, cond.astype(img.dtype)], 1), jnp.concatenate([img_ids, cond_ids])
     x = nn.with_logical_constraint(self.img_in(img), ACT)
-    txt, cls = self.txt_in(txt)
+    txt, cls = self.txt_in(txt, txt_mask)
+    # text ids are all 0, so padding anywhere in the text changes no position; the mask keeps it out of attention
+    seg = None if txt_mask is None else jnp.concatenate(
+        [txt_mask.astype(jnp.int32), jnp.ones(img.shape[:2], jnp.int32)], axis=1)
     vec = self.time_in(timesteps.astype(jnp.float32) * 1000) + self.vector_in(cls)
     angles = rope_angles_axes(jnp.concatenate([jnp.zeros((txt.shape[1], 3), img_ids.dtype), img_ids]),
                               cfg.axes_dims, cfg.rope_theta)[None]
-    (x, txt), _, _ = run_layers(self.double_blocks, (x, txt), None, vec, angles)
-    x, _, _ = run_layers(self.single_blocks, jnp.concatenate([txt, x], axis=1), None, vec, angles)
+    (x, txt), _, _ = run_layers(self.double_blocks, (x, txt), None, vec, angles, seg)
+    x, _, _ = run_layers(self.single_blocks, jnp.concatenate([txt, x], axis=1), None, vec, angles, seg)
     x = x[:, txt.shape[1]:]
     shift, scale = self.final_modulation(vec)
     return self.final_linear(modulate(self.final_norm(x), shift[:, None], scale[:, None]))[:, :n]

@@ -164,4 +164,4 @@ def example_inputs(cfg: OvisU1Config) -> tuple:
 FAMILY = Family(
     name="ovis_u1", hf_model_types=(ovis_u1.MODEL_TYPE,), config_cls=OvisU1Config,
     config_from_hf=ovis_u1.config_from_hf, module=ovis_u1.OvisU1, example_inputs=example_inputs,
-    rules=lambda cfg: RULES, ignore=ignore, hf_config=hf_config)
+    rules=lambda cfg: RULES, ignore=ignore, hf_config=hf_config, pipeline="unimm_jax.sampling.ovis_u1:load")
