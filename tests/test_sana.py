@@ -132,6 +132,31 @@ def test_text_to_image_matches_sana_pipeline_every_step_and_decoded_image():
   np.testing.assert_allclose((np.asarray(images) + 1) / 2, ref_image, atol=ATOL, rtol=0)
 
 
+def test_a_second_generate_call_reuses_the_compiled_step_and_reads_its_own_grid():
+  # The step is compiled once for the guided model and the scheduler's pytree structure; the grids are leaves, so
+  # a call with another shift reuses it and still steps on its own sigmas (equal to a freshly compiled closure).
+  from unimm_jax.sampling import diffusion
+  tcfg, params = convert(transformer(), "sana")
+  model = sana.SanaTransformer(tcfg)
+  rng = np.random.default_rng(1)
+  latents = jnp.asarray(rng.standard_normal((1, 4, 4, 4)), jnp.float32)
+  pos, neg = (jnp.asarray(rng.standard_normal((1, 5, 12)), jnp.float32) for _ in range(2))
+  config = dict(diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction").config,
+                _class_name="DPMSolverMultistepScheduler")
+  grid = lambda shift: schedulers.from_config(dict(config, flow_shift=shift), 3)  # noqa: E731
+  run = lambda shift: np.asarray(sana_sampling.sample_latents(  # noqa: E731
+      model, params, grid(shift), latents, pos, guidance_scale=4.5, negative_embeds=neg))
+  before = diffusion._step._cache_size()
+  first, other, again = run(3.0), run(2.0), run(3.0)
+  assert diffusion._step._cache_size() == before + 1
+  np.testing.assert_array_equal(again, first)
+  assert np.abs(other - first).max() > 1e-3
+  guided = sana_sampling._GuidedVelocity(model, (4.5, -3.5))
+  closure = lambda *args: guided(*args)  # noqa: E731
+  fresh = diffusion.denoise(closure, params, grid(2.0), latents, (jnp.concatenate([pos, neg]), jnp.ones((2, 5), jnp.int32)))
+  np.testing.assert_allclose(other, np.asarray(fresh), atol=1e-6, rtol=0)
+
+
 @pytest.mark.slow   # ~10 s: a second pipeline run
 def test_guidance_scale_one_runs_the_conditional_branch_alone_like_the_pipeline():
   ref_steps, ref_image, our_steps, _, images = _pipeline_and_ours(1.0, steps=3)

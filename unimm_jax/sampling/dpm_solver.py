@@ -122,3 +122,8 @@ class DPMSolverMultistep:
     d1 = take(self.inv_r) * (x0 - state)
     out = take(self.a) * x - take(self.b) * x0 - take(self.c) * d1
     return out.astype(output.dtype), x0
+
+
+# A pytree (every table a leaf) so that one compiled step serves every grid of the same length.
+jax.tree_util.register_dataclass(
+    DPMSolverMultistep, data_fields=[f.name for f in dataclasses.fields(DPMSolverMultistep)], meta_fields=[])

@@ -85,9 +85,11 @@ def _sigma_grid(c: Mapping[str, Any], steps: int, sigmas, timesteps, mu) -> tupl
   return t.astype(np.float32), np.append(s, np.float32(0.0)).astype(np.float32)
 
 
+@jax.tree_util.register_pytree_node_class
 class FlowMatchEuler:
   """timesteps [n] (what the model is given, sigma * num_train_timesteps), sigmas [n + 1]; Euler steps
-  x + (sigma_{i+1} - sigma_i) v, or with `stochastic_sampling` a re-noising of the predicted clean sample."""
+  x + (sigma_{i+1} - sigma_i) v, or with `stochastic_sampling` a re-noising of the predicted clean sample.
+  A pytree (the grids and key are leaves) so that one compiled step serves every grid of the same length."""
 
   order = 1
 
@@ -96,6 +98,16 @@ class FlowMatchEuler:
     if stochastic and rng is None:
       raise ValueError(f"{WHERE}: stochastic_sampling needs the option rng (a jax.random key)")
     self.timesteps, self.sigmas, self.stochastic, self._rng = timesteps, sigmas, stochastic, rng
+
+  def tree_flatten(self):
+    return (self.timesteps, self.sigmas, self._rng), self.stochastic
+
+  @classmethod
+  def tree_unflatten(cls, stochastic, leaves):
+    scheduler = object.__new__(cls)   # the leaves may be tracers: no re-validation
+    scheduler.timesteps, scheduler.sigmas, scheduler._rng = leaves
+    scheduler.stochastic = stochastic
+    return scheduler
 
   @classmethod
   def from_config(cls, config: Mapping[str, Any], num_inference_steps: int, **options) -> "FlowMatchEuler":

@@ -120,25 +120,34 @@ class FluxSampler:
       pooled = jnp.concatenate([pooled_prompt_embeds, negative_pooled_prompt_embeds])
     rows = context.shape[0]
     cond = dict(context=jnp.asarray(context, jnp.float32), pooled=jnp.asarray(pooled, jnp.float32),
-                guidance=jnp.full((rows,), cfg.guidance, jnp.float32) if mcfg.guidance_embeds else None)
-    img_ids, txt_ids = jnp.asarray(flux.image_ids(h, w)), jnp.asarray(flux.text_ids(context.shape[1]))
-
-    def velocity(params, x, timestep, cond):
-      xs = jnp.concatenate([x] * len(weights))
-      t = jnp.full((rows,), timestep, x.dtype) / 1000     # FluxPipeline: timestep / 1000, x1000 inside
-      out = self.transformer.apply({"params": params}, xs, cond["context"], cond["pooled"], t, img_ids, txt_ids,
-                                   cond["guidance"])
-      return flow.combine(jnp.split(out, len(weights)), weights)
-
+                guidance=jnp.full((rows,), cfg.guidance, jnp.float32) if mcfg.guidance_embeds else None,
+                img_ids=jnp.asarray(flux.image_ids(h, w)), txt_ids=jnp.asarray(flux.text_ids(context.shape[1])))
     x = flux.pack_latents(jnp.asarray(latents, jnp.float32))
     scheduler = self.scheduler(cfg.steps, cfg.sigmas, x.shape[1])
+    velocity = _GuidedVelocity(self.transformer, weights)
     x = flux.unpack_latents(denoise(velocity, self.params, scheduler, x, cond, progress=progress), h, w)
     images = None
     if self.vae is not None:
-      images = np.asarray(jax.jit(functools.partial(_decode, self.vae))(self.vae_params, x))
+      images = np.asarray(_decode(self.vae, self.vae_params, x))
     return FluxSample(latents=np.asarray(x), images=images)
 
 
+@dataclasses.dataclass(frozen=True)
+class _GuidedVelocity:
+  """FluxSampler.generate's model: equal across calls, so diffusion.denoise compiles its step once."""
+
+  transformer: flux.FluxTransformer2DModel
+  weights: tuple[float, ...]
+
+  def __call__(self, params: Any, x: jax.Array, timestep: jax.Array, cond: Mapping[str, Any]) -> jax.Array:
+    xs = jnp.concatenate([x] * len(self.weights))
+    t = jnp.full((xs.shape[0],), timestep, x.dtype) / 1000     # FluxPipeline: timestep / 1000, x1000 inside
+    out = self.transformer.apply({"params": params}, xs, cond["context"], cond["pooled"], t, cond["img_ids"],
+                                 cond["txt_ids"], cond["guidance"])
+    return flow.combine(jnp.split(out, len(self.weights)), self.weights)
+
+
+@functools.partial(jax.jit, static_argnums=0)   # compiled once per VAE and shape
 def _decode(vae: Any, params: Any, z: jax.Array) -> jax.Array:
   """Transformer latents -> images in [0, 1]: denormalize (z / scale + shift), decode, (x + 1) / 2 clipped."""
   pixels = vae.apply({"params": params}, vae.cfg.latent_norm().invert(z), method="decode")

@@ -7,12 +7,11 @@ num_train_timesteps is a FlowMatch field, so shift stays 1.0), CFG u + g (c - u)
 = the SANA-side MLP of zeros, 30 steps, g 5, 512^2, then DC-AE decode. The reference runs SANA once per scale from
 the same noise and returns only the last (16x16) image; `all_scales` runs the three, the default runs only the
 one it returns (the images are the same; two of three SANA runs and decodes are saved). Measured per image on 2
-shared CPU cores (warm process; each SANA run still traces and compiles its step, as sampling/diffusion.denoise jits
-per call): the tiny fixture model, 30 steps, 64^2: 2.7 s vs 10.8 s with all_scales; SANA-1.6B widths cut to 2 of its
-20 layers with DC-AE f32c32 at 512^2 (the MLLM side the fixture's): 20.2 s vs 55.8 s at 2 steps and 28.9 s vs
-82.5 s at 10 steps, i.e. ~17 s fixed and ~1.1 s per step per scale run. At the release's 20 layers and 30 steps a
-run is ~20x its fixed cost, so the default saves very nearly 2/3 of the SANA time (about 11 of 17 minutes per image
-on that CPU by those rates; the 7B prefill, run once either way, comes on top of both).
+shared CPU cores, warm process (sampling/diffusion.denoise compiles its step once: the first call of a size pays
+it, ~10-25 s here for the tiny model): the tiny fixture model, 30 steps, 64^2: 0.07-0.09 s vs 0.18-0.20 s with
+all_scales. SANA-1.6B widths cut to 2 of its 20 layers with DC-AE f32c32 at 512^2 (the MLLM side the fixture's;
+measured when each call still compiled): ~1.1 s per step per scale run, so at the release's 20 layers and 30 steps
+the default saves very nearly 2/3 of the SANA time (the 7B prefill, run once either way, comes on top of both).
 Chat: greedy decoding of the LLM over the prompt with the image in its slots, stopped at `<|im_end|>`.
 Resolution binning: the requested size is sampled as it is (512^2 and the other sizes of the bin tables are
 what the reference samples too; other sizes it would sample at the nearest bin and resize).

@@ -118,6 +118,7 @@ class OpenUniPipeline:
                        f"{cfg.lmm.image_token_id}")
     self._condition = jax.jit(lambda p, ids, mask, pix: self.module.apply(
         {"params": p}, ids, mask, pix, method=OpenUni.condition).prompt_embeds)
+    self._decode = jax.jit(lambda p, z: self.module.apply({"params": p}, z, method=OpenUni.decode))
 
   @property
   def cfg(self) -> OpenUniConfig:
@@ -156,7 +157,7 @@ class OpenUniPipeline:
     final = sana_sampling.sample_latents(
         self.module.transformer_module, self.params["transformer"], cfg.scheduler(), latents, cond,
         guidance_scale=cfg.guidance, negative_embeds=uncond, progress=progress, on_step=on_step)
-    decoded = jax.jit(lambda p, z: self.module.apply({"params": p}, z, method=OpenUni.decode))(self.params, final)
+    decoded = self._decode(self.params, final)
     return final, to_uint8(decoded)
 
   def generate(self, prompts: Sequence[str], size: tuple[int, int], cfg: OpenUniSamplerConfig, *, negative: str = "",

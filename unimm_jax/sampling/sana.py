@@ -10,6 +10,8 @@ Guidance: the conditional and unconditional branches run as one batch and combin
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -71,24 +73,37 @@ def sample_latents(model: SanaTransformer, params: Any, scheduler: Any, latents:
     caption, mask = _pad_to(caption, mask, length)
     neg, neg_mask = _pad_to(jnp.asarray(negative_embeds), negative_mask, length)
     caption, mask = jnp.concatenate([caption, neg]), jnp.concatenate([mask, neg_mask])   # [cond; uncond]
-  branches, scale = len(weights), cfg.timestep_scale
+  return diffusion.denoise(_GuidedVelocity(model, weights), params, scheduler, jnp.asarray(latents, jnp.float32),
+                           (caption, mask), progress=progress, on_step=on_step)
 
-  def model_fn(params, x, timestep, cond):
+
+@dataclasses.dataclass(frozen=True)
+class _GuidedVelocity:
+  """The guided model of sample_latents: equal across calls, so diffusion.denoise compiles its step once."""
+
+  model: SanaTransformer
+  weights: tuple[float, ...]
+
+  def __call__(self, params: Any, x: jax.Array, timestep: jax.Array, cond: tuple[jax.Array, jax.Array]) -> jax.Array:
     caption, mask = cond
+    branches = len(self.weights)
     xs = jnp.concatenate([x] * branches)
-    v = model.apply({"params": params}, xs, caption, jnp.full((xs.shape[0],), timestep * scale), mask)
-    return flow.combine(jnp.split(v, branches), weights)
-
-  return diffusion.denoise(model_fn, params, scheduler, jnp.asarray(latents, jnp.float32), (caption, mask),
-                           progress=progress, on_step=on_step)
+    t = jnp.full((xs.shape[0],), timestep * self.model.cfg.timestep_scale)
+    v = self.model.apply({"params": params}, xs, caption, t, mask)
+    return flow.combine(jnp.split(v, branches), self.weights)
 
 
 def decode_latents(vae: AutoencoderDC, vae_params: Any, latents: jax.Array, *, tiled: bool = False) -> jax.Array:
   """Diffusion latents [b h w c] -> images [b H W 3] in [-1, 1] (the pipeline's decode(z / scaling_factor), clamped).
   `tiled` decodes in the autoencoder's overlapping tiles (large images in bounded memory)."""
+  return _decode(vae, vae_params, latents, tiled)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))   # compiled once per autoencoder, shape and tiling
+def _decode(vae: AutoencoderDC, params: Any, latents: jax.Array, tiled: bool) -> jax.Array:
   z = vae.apply({}, latents, method=AutoencoderDC.denormalize)
   method = AutoencoderDC.tiled_decode if tiled else AutoencoderDC.decode
-  return jnp.clip(jax.jit(lambda p, z: vae.apply({"params": p}, z, method=method))(vae_params, z), -1.0, 1.0)
+  return jnp.clip(vae.apply({"params": params}, z, method=method), -1.0, 1.0)
 
 
 def to_uint8(images: jax.Array) -> np.ndarray:
