@@ -3,8 +3,6 @@ sample.py (--all_scales), edit.py and chat.py --image on the converted checkpoin
 
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,16 +10,9 @@ from PIL import Image
 
 from unimm_jax.convert import ming as ming_convert
 from unimm_jax.convert.errors import ConversionError
+from scripts_run import ROOT, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "ming_lite_uni")
-
-
-def run(*args, timeout=900):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return r.stdout
 
 
 def test_missing_part_is_named(tmp_path):

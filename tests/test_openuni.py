@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -26,6 +24,7 @@ from unimm_jax.models import openuni
 from unimm_jax.models.internvl import Projector
 from unimm_jax.sampling import flow
 from unimm_jax.sampling import openuni as ou
+from scripts_run import run
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "openuni")
 TOL = dict(rtol=1e-4, atol=1e-5)      # hidden states, embeddings, velocities
@@ -281,20 +280,13 @@ def test_convert_cli_reports_mismatches_and_leaves_the_destination(split_release
 
 # --- the CLIs on a converted tiny release ---
 
-def run(*args):
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  r = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return r
-
-
 @pytest.mark.slow   # ~90 s: four processes, each compiling its part of the model
 def test_convert_sample_edit_chat_scripts(split_release, tmp_path):
   release, dirs, _, _ = split_release
   ckpt = str(tmp_path / "ckpt")
-  r = run("scripts/convert.py", "--openuni", "tiny", "--src", release, "--lmm", dirs["lmm"], "--sana", dirs["sana"],
-          "--vae", dirs["vae"], "--dst", ckpt)
-  assert '"lmm": ' in r.stdout and '"release": ' in r.stdout
+  report = run("scripts/convert.py", "--openuni", "tiny", "--src", release, "--lmm", dirs["lmm"], "--sana",
+               dirs["sana"], "--vae", dirs["vae"], "--dst", ckpt)
+  assert '"lmm": ' in report and '"release": ' in report
   out = tmp_path / "samples"
   run("scripts/sample.py", "--ckpt", ckpt, "--prompt", "a red circle", "--prompt", "a blue square", "--size", "64x32",
       "--steps", "2", "--out", str(out))
@@ -308,5 +300,6 @@ def test_convert_sample_edit_chat_scripts(split_release, tmp_path):
       "--out", str(edited))
   size = openuni.OpenUniConfig.tiny().image_size   # the tiny variant's default size, as the release's 512
   assert np.asarray(Image.open(edited)).shape == (size, size, 3)
-  r = run("scripts/chat.py", "--ckpt", ckpt, "--image", str(src), "--prompt", "what is it?", "--max_new_tokens", "3")
-  assert "what is it?" in r.stdout and len(r.stdout.strip().splitlines()) >= 2
+  answer = run("scripts/chat.py", "--ckpt", ckpt, "--image", str(src), "--prompt", "what is it?", "--max_new_tokens",
+               "3")
+  assert "what is it?" in answer and len(answer.strip().splitlines()) >= 2

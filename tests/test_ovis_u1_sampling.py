@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -18,10 +17,10 @@ from unimm_jax import api
 from unimm_jax.convert import hf
 from unimm_jax.sampling import SamplerConfig, flow
 from unimm_jax.sampling import ovis_u1 as S
+from scripts_run import ROOT, run
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "ovis_u1")
 SIDE_FILES = ("config.json", "preprocessor_config.json", "tokenizer.json", "tokenizer_config.json")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def case(name: str) -> dict[str, np.ndarray]:
@@ -148,12 +147,6 @@ def test_sampler_config_defaults(pipe):
     pipe.sampler_config(steps=0)
 
 
-def run(*args):
-  r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return r
-
-
 @pytest.mark.slow   # ~60 s: four processes, each compiling its part of the model
 def test_convert_sample_edit_chat_scripts(release, tmp_path):
   ckpt = str(tmp_path / "ckpt")
@@ -170,9 +163,10 @@ def test_convert_sample_edit_chat_scripts(release, tmp_path):
   run("scripts/edit.py", "--ckpt", ckpt, "--image", str(src), "--instruction", "add a hat", "--steps", "2",
       "--out", str(edited))
   assert np.asarray(Image.open(edited)).shape == (64, 96, 3)   # smart_resize(44, 90, factor=32)
-  r = run("scripts/chat.py", "--ckpt", ckpt, "--image", str(src), "--prompt", "what is it?", "--max_new_tokens", "3")
+  answer = run("scripts/chat.py", "--ckpt", ckpt, "--image", str(src), "--prompt", "what is it?", "--max_new_tokens",
+               "3")
   # the fixture model's greedy answer is whitespace (case a's greedy ids), so only the echo is checked
-  assert r.stdout.startswith("> what is it?\n")
+  assert answer.startswith("> what is it?\n")
 
 
 def test_config_file_names_the_model_constructors(pipe):

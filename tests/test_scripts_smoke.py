@@ -8,15 +8,7 @@ import sys
 
 from unimm_jax.training import metrics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(*args, timeout=600):
-  # the scripts run as a user runs them: on the machine's devices, not the tests' 8 fake ones
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return r.stdout
+from scripts_run import ROOT, run
 
 
 def test_bench_llm_prints_the_table_with_ratios():

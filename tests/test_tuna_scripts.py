@@ -9,14 +9,7 @@ from PIL import Image
 
 import hf_tiny
 import unimm_jax
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(*args):
-  r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return r
+from scripts_run import ROOT, run
 
 
 def test_tuna_scripts_end_to_end_on_the_tiny_config(tmp_path):
@@ -34,10 +27,10 @@ def test_tuna_scripts_end_to_end_on_the_tiny_config(tmp_path):
   np.testing.assert_allclose(emb[200:], np.broadcast_to(emb[:200].mean(0), (56, 64)), atol=1e-6)
 
   out = tmp_path / "samples"
-  r = run("scripts/sample.py", "--ckpt", ckpt, "--prompt", "red circle", "--prompt", "blue square", "--size", "8x12",
-          "--steps", "3", "--out", str(out))
+  printed = run("scripts/sample.py", "--ckpt", ckpt, "--prompt", "red circle", "--prompt", "blue square", "--size",
+                "8x12", "--steps", "3", "--out", str(out))
   assert sorted(os.listdir(out)) == ["000.png", "001.png", "grid.png"]
-  assert Image.open(out / "000.png").size == (12, 8) and "red circle" in r.stdout
+  assert Image.open(out / "000.png").size == (12, 8) and "red circle" in printed
   # image-to-image at strength 0 returns the init image (its size taken from the file)
   run("scripts/sample.py", "--ckpt", ckpt, "--prompt", "red circle", "--init-image", str(out / "001.png"),
       "--strength", "0", "--steps", "3", "--out", str(tmp_path / "i2i"))
@@ -46,9 +39,9 @@ def test_tuna_scripts_end_to_end_on_the_tiny_config(tmp_path):
   run("scripts/edit.py", "--ckpt", ckpt, "--image", str(out / "000.png"), "--instruction", "make it blue",
       "--steps", "3", "--out", str(tmp_path / "edited.png"))
   assert Image.open(tmp_path / "edited.png").size == (12, 8)
-  r = run("scripts/chat.py", "--ckpt", ckpt, "--image", str(out / "000.png"), "--prompt", "what colour",
-          "--max_new_tokens", "4")
-  assert r.stdout.startswith("> what colour\n")
+  answer = run("scripts/chat.py", "--ckpt", ckpt, "--image", str(out / "000.png"), "--prompt", "what colour",
+               "--max_new_tokens", "4")
+  assert answer.startswith("> what colour\n")
   (tmp_path / "broken.png").write_bytes(b"not a png")   # unreadable input: exit 2 naming the file
   bad = subprocess.run([sys.executable, "scripts/edit.py", "--ckpt", ckpt, "--image", str(tmp_path / "broken.png"),
                         "--instruction", "x"], cwd=ROOT, capture_output=True, text=True, timeout=600)

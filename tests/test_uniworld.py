@@ -227,8 +227,10 @@ def test_pipeline_conditioning_generate_edit_answer(pipeline_dir, converted):
   # the VLM part is the fixture's; the T5 part the stand-in text encoder's over t5_len padded tokens
   assert context.shape == (1, pipe.t5_len + b["vlm_embeds"].shape[1], 32) and pooled.shape == (1, 24)
   np.testing.assert_allclose(context[:, pipe.t5_len:], b["vlm_embeds"], **TOL)
-  cfg = pipe.sampler_config(steps=2)
+  cfg = pipe.sampler_config(steps=2, guidance=None, shift=None, image_guidance=None, strength=None)  # as the CLIs
   assert cfg.steps == 2 and cfg.guidance == 3.5
+  with pytest.raises(ValueError, match="--strength"):
+    pipe.sampler_config(strength=0.5)
   pipe.anchor_pixels = 64 * 64
   edited = pipe.edit([ref], [c["cases"]["edit_prompt"]], cfg, seed=1)[0]
   assert edited.shape == (64, 64, 3) and edited.dtype == np.uint8

@@ -3,23 +3,13 @@ directories (with tiny FLUX text encoders and a task head), then sample.py, edit
 chat.py --route auto on the converted checkpoint."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from uniworld_tiny import FIXTURES, release_dirs, task_head_file, tiny_flux_dir
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(*args, timeout=900):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return r.stdout
+from scripts_run import run
 
 
 @pytest.mark.slow   # five script runs, each loading JAX and compiling the tiny models

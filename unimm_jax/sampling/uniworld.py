@@ -147,10 +147,12 @@ class UniWorldPipeline:
     return self.module.cfg
 
   def sampler_config(self, steps: int | None = None, guidance: float | None = None, shift: float | None = None,
-                     image_guidance: float | None = None) -> FluxSamplerConfig:
+                     image_guidance: float | None = None, strength: float | None = None) -> FluxSamplerConfig:
     """FlowMatch Euler, 28 steps, distilled guidance 3.5 (cli.py); FLUX's shift is the resolution-dependent mu."""
     if shift is not None:
       raise ValueError("UniWorld: --shift is not used (FLUX shifts by the image's token count, mu)")
+    if strength is not None:
+      raise ValueError("UniWorld: --strength is not used (sampling starts from noise; image-to-image is a TUNA option)")
     if image_guidance:
       raise ValueError("UniWorld: --image_guidance is not used (the reference images condition through SigLIP)")
     base = FluxSamplerConfig()
