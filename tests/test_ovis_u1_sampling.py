@@ -227,8 +227,8 @@ def test_config_file_names_the_model_constructors(pipe):
   from configs import ovis_u1 as config_file
   from unimm_jax.models.ovis_u1 import OvisU1Config
   tiny, big = config_file.get_config("tiny"), config_file.get_config("3b")
-  assert getattr(OvisU1Config, tiny.model)() == pipe.cfg
-  assert getattr(OvisU1Config, big.model)().generator.hidden == 1536
+  assert getattr(OvisU1Config, tiny.preset)() == pipe.cfg == OvisU1Config.from_dict(tiny.model.to_dict())
+  assert getattr(OvisU1Config, big.preset)().generator.hidden == 1536
   assert (big.sampling.steps, big.sampling.guidance, big.sampling.edit_guidance) == (50, 5.0, 6.0)
   with pytest.raises(KeyError, match="unknown variant"):
     config_file.get_config("7b")
