@@ -163,3 +163,22 @@ def test_tiny_understanding_stage_overfits_with_the_decoder_frozen():
   assert loss1 < 0.7 * loss0, (loss0, loss1)
   assert m1["accuracy"] > 0
   _check_parts("understanding", init, params)
+
+
+@pytest.mark.slow   # ~25 s each: tracing the 3B model's init and optimizer abstractly
+@pytest.mark.parametrize("stage", ["refiner_decoder", "understanding"])
+def test_3b_builds_sharded_over_8_devices(stage):
+  """The release size on an 8-way fsdp mesh: the params shard within the trainer's tolerance, and the frozen
+  parts are what the stage freezes (traced abstractly, nothing is allocated)."""
+  c = ovis_configs.get_config("3b")
+  c.stage, c.batch_size = stage, 8
+  mesh = sharding.make_mesh((1, 8, 1))
+  rules = sharding.rules_from_config(c.sharding.rules)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    s = trainer.build(c, mesh, rules)
+  q = s.state_shardings.params["visual_generator"]["double_blocks_0"]["attn"]["img_q_proj"]["kernel"]
+  assert q.spec != jax.sharding.PartitionSpec()
+  sizes = {p: sum(a.size for a in jax.tree.leaves(s.abstract_state.params[p])) for p in PARTS}
+  trained = sum(a.size for a, t in zip(jax.tree.leaves(s.abstract_state.params), jax.tree.leaves(s.trainable)) if t)
+  assert trained == sum(sizes[p] for p in TRAINED[stage])
+  assert 1.0e9 < sizes["visual_generator"] < 1.3e9 and sizes["llm"] > 1.5e9   # README 3.1: a 1.127 B decoder
