@@ -4,17 +4,23 @@ guidance branches equals one forward each, and the CLIs convert / sample / edit 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from unimm_jax import api
+from unimm_jax import api, sharding
 from unimm_jax.convert import hf
+from unimm_jax.convert.maps.ovis_u1 import FAMILY
+from unimm_jax.models import ovis_u1, yak
 from unimm_jax.sampling import SamplerConfig, flow
 from unimm_jax.sampling import ovis_u1 as S
 from scripts_run import ROOT, run
@@ -147,6 +153,47 @@ def test_sampler_config_defaults(pipe):
     pipe.sampler_config(steps=0)
 
 
+def _sharded_edit(model, boxed, params, mesh_shape, noise, branches, grid):
+  """The final tokens of a guided edit (three branches, one batched forward) with the decoder's params laid out
+  by their logical annotations on `mesh_shape` (None: one device), and one kernel's spec."""
+  def run(p):
+    out = S.OvisImageSampler(model, p).sample(noise, branches, flow.image_text_guidance(6.0, 1.5), grid,
+                                              batch_branches=True)
+    return np.asarray(out.final), p["visual_generator"]["double_blocks_0"]["attn"]["img_q_proj"]["kernel"]
+  if mesh_shape is None:
+    return run(jax.tree.map(jnp.asarray, params))
+  mesh = sharding.make_mesh(mesh_shape)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    shards = sharding.logical_shardings(boxed["visual_generator"], mesh)
+    return run(dict(params, visual_generator=jax.device_put(params["visual_generator"], shards)))
+
+
+@pytest.mark.slow   # ~55 s on 2 cores (alone): three compiles of a width-128 decoder
+def test_sharded_sampling_on_fsdp_and_tensor_meshes_equals_one_device():
+  """Edit sampling (VAE-condition tokens, text conditions of unequal lengths) on 8 devices as (1, 8, 1) FSDP and
+  (1, 2, 4) FSDP x tensor equals one device. Width 128 / 4 heads so that every sharded axis splits over 8."""
+  assert jax.device_count() >= 8, "tests/conftest.py gives 8 fake CPU devices"
+  cfg = dataclasses.replace(ovis_u1.OvisU1Config.tiny(), generator=yak.YakConfig.tiny(hidden=128, heads=4,
+                                                                                     vec_in_dim=128))
+  model = ovis_u1.OvisU1(cfg)
+  boxed = jax.eval_shape(model.init, jax.random.key(0), *FAMILY.example_inputs(cfg))["params"]
+  rng = np.random.default_rng(1)
+  # host-drawn values: the release's zero-initialised modulations would hide the blocks
+  params = jax.tree.map(lambda x: (rng.standard_normal(x.shape) * (0.5 / np.sqrt(x.shape[0]) if x.ndim > 1 else 0.1)
+                                   ).astype(x.dtype), nn.meta.unbox(boxed))
+  b, h, w = 2, 4, 6
+  noise = jnp.asarray(rng.standard_normal((b, 2 * h, 2 * w, cfg.vae.latent_channels)), jnp.float32)
+  txt = [jnp.asarray(rng.standard_normal((b, t, cfg.generator.context_dim)), jnp.float32) for t in (9, 7, 7)]
+  cond = jnp.asarray(rng.standard_normal((b, h * w, cfg.generator.in_channels)), jnp.float32)
+  branches = [S.Branch(txt[0], cond), S.Branch(txt[1], cond), S.Branch(txt[2])]
+  grid = S.schedule(2, h * w, cfg.generator)
+  want, _ = _sharded_edit(model, boxed, params, None, noise, branches, grid)
+  for mesh_shape in [(1, 8, 1), (1, 2, 4)]:
+    got, kernel = _sharded_edit(model, boxed, params, mesh_shape, noise, branches, grid)
+    assert kernel.sharding.spec == P("fsdp", "tensor", None), mesh_shape   # the params really are sharded
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=str(mesh_shape))
+
+
 @pytest.mark.slow   # ~60 s: four processes, each compiling its part of the model
 def test_convert_sample_edit_chat_scripts(release, tmp_path):
   ckpt = str(tmp_path / "ckpt")
@@ -174,8 +221,8 @@ def test_config_file_names_the_model_constructors(pipe):
   from configs import ovis_u1 as config_file
   from unimm_jax.models.ovis_u1 import OvisU1Config
   tiny, big = config_file.get_config("tiny"), config_file.get_config("3b")
-  assert getattr(OvisU1Config, tiny.model)() == pipe.cfg
-  assert getattr(OvisU1Config, big.model)().generator.hidden == 1536
+  assert getattr(OvisU1Config, tiny.preset)() == pipe.cfg == OvisU1Config.from_dict(tiny.model.to_dict())
+  assert getattr(OvisU1Config, big.preset)().generator.hidden == 1536
   assert (big.sampling.steps, big.sampling.guidance, big.sampling.edit_guidance) == (50, 5.0, 6.0)
   with pytest.raises(KeyError, match="unknown variant"):
     config_file.get_config("7b")

@@ -77,6 +77,23 @@ class YakConfig(DictConfig):
   def mlp(self) -> int:
     return int(self.hidden * self.mlp_ratio)
 
+  def forward_flops(self, n: int, t: int, refiner: bool = True, image_attention: bool = True) -> float:
+    """Forward FLOPs (2 per multiply-add) of the matmuls and attention for n image and t text tokens: per double
+    block each stream's qkv + proj + MLP and the joint attention over n + t, and the image self-attention (qkv +
+    proj, attention over n); per single block qkv + MLP in, attention + MLP out; the condition's input projection
+    and the refiner (blocks of qkv + proj + a ratio-4 MLP over 1 + t tokens). refiner / image_attention False:
+    the same stack without them (FLUX of this size, the cost anchor of scripts/bench_ovis.py)."""
+    d, mlp, total = self.hidden, self.mlp, n + t
+    out = self.depth * (2 * total * (4 * d * d + 2 * d * mlp) + 2 * total * total * d)
+    out += self.single_depth * (total * (3 * d * d + d * mlp + (d + mlp) * d) + 2 * total * total * d)
+    out += t * self.context_dim * d
+    if image_attention:
+      out += self.depth * (n * 4 * d * d + 2 * n * n * d)
+    if refiner:
+      r = t + 1
+      out += self.refiner_depth * (r * 12 * d * d + 2 * r * r * d)
+    return 2.0 * out
+
   @classmethod
   def tiny(cls, **kw) -> "YakConfig":
     """The public fixture set's sizes."""

@@ -227,6 +227,13 @@ def blank(height: int, width: int) -> np.ndarray:
   return np.full((height, width, 3), 255, np.uint8)
 
 
+def tokenizer_image(canvas: np.ndarray, processor: OvisImageProcessor) -> np.ndarray:
+  """The generation scripts' build_inputs: the canvas resized to smart_resize(h, w, max_pixels = the
+  processor's min_pixels) before the processor's own resize."""
+  h, w = smart_resize(*canvas.shape[:2], max_pixels=processor.min_pixels)
+  return resize(canvas, h, w)
+
+
 def prompt_ids(tokenizer: Any, text: str, *, answer: bool, system: str | None = None) -> list[int]:
   """Qwen3ConversationFormatter: the user turn (after an optional system turn), with the empty-think assistant
   prefill for understanding (generation_preface '') or none for generation (generation_preface None); the text
@@ -316,10 +323,7 @@ class OvisU1Pipeline:
     return ovis_u1.prepare_vision(np.concatenate(patches), grids, self.cfg)
 
   def tokenizer_image(self, canvas: np.ndarray) -> np.ndarray:
-    """The generation scripts' build_inputs: the canvas resized to smart_resize(h, w, max_pixels = the
-    processor's min_pixels) before the processor's own resize."""
-    h, w = smart_resize(*canvas.shape[:2], max_pixels=self.processor.min_pixels)
-    return resize(canvas, h, w)
+    return tokenizer_image(canvas, self.processor)
 
   def condition(self, text: str, canvas: np.ndarray) -> jax.Array:
     """A generation prompt ("<image>\\n..." with one image, no assistant turn) and its canvas [h w 3] -> the

@@ -31,6 +31,18 @@ def next_token_targets(batch: Batch) -> tuple[jax.Array, jax.Array]:
   return jnp.where(valid, labels, 0), valid
 
 
+def token_loss(logits: jax.Array, batch: Batch, norms: Mapping[str, jax.Array]
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Logits [b t v] of a decoder over batch["input_ids"] -> (cross-entropy, {"ce", "accuracy"}) summed over the
+  next-token targets and divided by norms["tokens"] (their count over the whole batch)."""
+  targets, valid = next_token_targets(batch)
+  logits = logits[:, :-1].astype(jnp.float32)                           # [b t-1 v]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [b t-1]
+  loss = jnp.sum(jnp.where(valid, ce, 0.0)) / norms["tokens"]
+  correct = jnp.sum((jnp.argmax(logits, -1) == targets) & valid) / norms["tokens"]
+  return loss, {"ce": loss, "accuracy": correct}
+
+
 def train_flops_per_token(cfg: QwenConfig, seq_len: int) -> float:
   """Analytic training FLOPs per token: 6 * N_matmul + 12 * L * h * e * T.
 
@@ -63,12 +75,7 @@ def build(config: ml_collections.ConfigDict) -> Task:
     del rng  # the decoder has no dropout
     out = module.apply({"params": params}, batch["input_ids"], segment_ids=batch.get("segment_ids"),
                        positions=batch.get("positions"))
-    targets, valid = next_token_targets(batch)
-    logits = out.logits[:, :-1]                                           # [b t-1 v] fp32
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [b t-1]
-    loss = jnp.sum(jnp.where(valid, ce, 0.0)) / norms["tokens"]
-    correct = jnp.sum((jnp.argmax(logits, -1) == targets) & valid) / norms["tokens"]
-    return loss, {"ce": loss, "accuracy": correct}
+    return token_loss(out.logits, batch, norms)
 
   def load_params(path: str) -> Params:
     import unimm_jax  # the loader pulls in conversion; only needed when initialising from pretrained
