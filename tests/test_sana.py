@@ -139,6 +139,30 @@ def test_guidance_scale_one_runs_the_conditional_branch_alone_like_the_pipeline(
   np.testing.assert_allclose((np.asarray(images) + 1) / 2, ref_image, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow   # ~60 s on 2 shared cores: two compiles of the tiny step
+def test_a_second_sampling_call_reuses_the_compiled_step():
+  """Equal schedulers (rebuilt per call, as a pipeline does per image) and an equal model reuse one jitted step; a
+  different guidance scale is another step. Without the cache every image traced and compiled its step again."""
+  from unimm_jax.sampling import diffusion
+  cfg = sana.SanaConfig.tiny()
+  model = sana.SanaTransformer(cfg)
+  x, caption = jnp.ones((1, 4, 4, cfg.in_channels)), jnp.ones((1, 3, cfg.caption_channels))
+  params = model.init(jax.random.key(0), x, caption, jnp.zeros((1,)))["params"]
+  from unimm_jax.sampling.openuni import SCHEDULER   # SANA 512px's scheduler_config.json
+  config = {"_class_name": "DPMSolverMultistepScheduler", **SCHEDULER}
+
+  def run(guidance):
+    return sana_sampling.sample_latents(model, params, schedulers.from_config(config, 2), x, caption,
+                                        guidance_scale=guidance, negative_embeds=caption)
+
+  before = diffusion._step.cache_info()
+  first = run(4.5)
+  np.testing.assert_array_equal(run(4.5), first)
+  run(2.0)
+  after = diffusion._step.cache_info()
+  assert (after.hits - before.hits, after.misses - before.misses) == (1, 2)
+
+
 def test_bad_latents_and_image_sizes_are_named():
   cfg = sana.SanaConfig.tiny(patch_size=2)
   model = sana.SanaTransformer(cfg)

@@ -10,6 +10,7 @@ Guidance: the conditional and unconditional branches run as one batch and combin
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -71,16 +72,26 @@ def sample_latents(model: SanaTransformer, params: Any, scheduler: Any, latents:
     caption, mask = _pad_to(caption, mask, length)
     neg, neg_mask = _pad_to(jnp.asarray(negative_embeds), negative_mask, length)
     caption, mask = jnp.concatenate([caption, neg]), jnp.concatenate([mask, neg_mask])   # [cond; uncond]
-  branches, scale = len(weights), cfg.timestep_scale
-
-  def model_fn(params, x, timestep, cond):
-    caption, mask = cond
-    xs = jnp.concatenate([x] * branches)
-    v = model.apply({"params": params}, xs, caption, jnp.full((xs.shape[0],), timestep * scale), mask)
-    return flow.combine(jnp.split(v, branches), weights)
-
-  return diffusion.denoise(model_fn, params, scheduler, jnp.asarray(latents, jnp.float32), (caption, mask),
+  return diffusion.denoise(GuidedVelocity(model, tuple(weights)), params, scheduler,
+                           jnp.asarray(latents, jnp.float32), (caption, mask),
                            progress=progress, on_step=on_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuidedVelocity:
+  """denoise's model_fn: SANA on the latents repeated per guidance branch, combined by `weights`. Hashed by value,
+  so a pipeline's later images reuse the compiled step."""
+
+  model: SanaTransformer
+  weights: tuple[float, ...]
+
+  def __call__(self, params: Any, x: jax.Array, timestep: jax.Array, cond: tuple[jax.Array, jax.Array]) -> jax.Array:
+    caption, mask = cond
+    branches = len(self.weights)
+    xs = jnp.concatenate([x] * branches)
+    t = jnp.full((xs.shape[0],), timestep * self.model.cfg.timestep_scale)
+    v = self.model.apply({"params": params}, xs, caption, t, mask)
+    return flow.combine(jnp.split(v, branches), self.weights)
 
 
 def decode_latents(vae: AutoencoderDC, vae_params: Any, latents: jax.Array, *, tiled: bool = False) -> jax.Array:
