@@ -112,10 +112,12 @@ class OpenUniPipeline:
 
   def __post_init__(self):
     cfg = self.module.cfg
-    ctx = self.tokenizer.convert_tokens_to_ids(CONTEXT)
-    if ctx != cfg.lmm.image_token_id:
-      raise ValueError(f"{self.where}: the tokenizer's {CONTEXT} is {ctx}, the model's image_token_id is "
-                       f"{cfg.lmm.image_token_id}")
+    if self.tokenizer is not None:   # None: a pipeline driven by ids (condition_ids), as scripts/bench_openuni.py
+      ctx = self.tokenizer.convert_tokens_to_ids(CONTEXT)
+      if ctx != cfg.lmm.image_token_id:
+        raise ValueError(f"{self.where}: the tokenizer's {CONTEXT} is {ctx}, the model's image_token_id is "
+                         f"{cfg.lmm.image_token_id}")
+    # compiled once per pipeline: a jit made inside a call would trace and compile again on every image
     self._condition = jax.jit(lambda p, ids, mask, pix: self.module.apply(
         {"params": p}, ids, mask, pix, method=OpenUni.condition).prompt_embeds)
     self._decode = jax.jit(lambda p, z: self.module.apply({"params": p}, z, method=OpenUni.decode))
@@ -143,9 +145,26 @@ class OpenUniPipeline:
 
   def prompt_embeds(self, texts: Sequence[str], images: np.ndarray | None = None) -> jax.Array:
     """Prompt strings (already templated) [+ one uint8 source image per prompt] -> SANA prompt_embeds [b q k]."""
+    if self.tokenizer is None:
+      raise ValueError(f"{self.where}: no tokenizer; prompts need one (condition_ids takes token ids)")
     ids, mask = tokenize(self.tokenizer, texts)
     pix = None if images is None else vit_pixels(images, self.cfg.edit_size)
-    return self._condition(self.params, jnp.asarray(ids), jnp.asarray(mask), pix)
+    return self.condition_ids(jnp.asarray(ids), jnp.asarray(mask), pix)
+
+  def condition_ids(self, ids: jax.Array, mask: jax.Array, pixels: jax.Array | None = None) -> jax.Array:
+    """Token ids / mask [b t] (right-padded) [+ InternViT pixels] -> SANA prompt_embeds [b q k]."""
+    return self._condition(self.params, ids, mask, pixels)
+
+  def sample_latents(self, cond: jax.Array, uncond: jax.Array, cfg: OpenUniSamplerConfig, latents: jax.Array, *,
+                     progress: bool = False, on_step: Callable[[int, jax.Array], None] | None = None) -> jax.Array:
+    """Conditional / unconditional prompt_embeds [b q k] + initial noise [b h w c] -> final latents."""
+    return sana_sampling.sample_latents(
+        self.module.transformer_module, self.params["transformer"], cfg.scheduler(), latents, cond,
+        guidance_scale=cfg.guidance, negative_embeds=uncond, progress=progress, on_step=on_step)
+
+  def decode(self, latents: jax.Array) -> jax.Array:
+    """Final latents -> [b H W 3] in [-1, 1], not clamped (latents_to_pixels)."""
+    return self._decode(self.params, latents)
 
   def sample(self, cond: jax.Array, uncond: jax.Array, size: tuple[int, int], cfg: OpenUniSamplerConfig, *,
              seed: int = 0, latents: jax.Array | None = None, progress: bool = False,
@@ -154,11 +173,8 @@ class OpenUniPipeline:
     shape = sana_sampling.latent_shape(self.cfg.transformer, self.cfg.vae.spatial_downscale, cond.shape[0], *size)
     if latents is None:
       latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-    final = sana_sampling.sample_latents(
-        self.module.transformer_module, self.params["transformer"], cfg.scheduler(), latents, cond,
-        guidance_scale=cfg.guidance, negative_embeds=uncond, progress=progress, on_step=on_step)
-    decoded = self._decode(self.params, final)
-    return final, to_uint8(decoded)
+    final = self.sample_latents(cond, uncond, cfg, latents, progress=progress, on_step=on_step)
+    return final, to_uint8(self.decode(final))
 
   def generate(self, prompts: Sequence[str], size: tuple[int, int], cfg: OpenUniSamplerConfig, *, negative: str = "",
                seed: int = 0, progress: bool = False) -> list[np.ndarray]:
