@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_vae import _convert, decode_memory  # noqa: E402  (the same conversion and XLA memory analysis)
 
+from unimm_jax import benchmark
 from unimm_jax.models import flux  # noqa: E402
 
 # SANA-1600M blocks (diffusers defaults: 2240 wide, 70 x 32 linear heads, 20 x 112 cross heads, Mix-FFN 2.5x);
@@ -159,15 +159,6 @@ CASES = (
 )
 
 
-def _median_s(fn: Callable[[], object], iters: int) -> tuple[float, float]:
-  """Median (wall, process CPU) seconds of `iters` calls."""
-  wall, cpu = [], []
-  for _ in range(iters):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  return statistics.median(wall), statistics.median(cpu)
 
 
 def run_case(case: Case, args: argparse.Namespace) -> dict:
@@ -176,7 +167,7 @@ def run_case(case: Case, args: argparse.Namespace) -> dict:
   pair.ours()
   compile_s = time.perf_counter() - t0
   pair.torch()                                   # warm-up (allocator, oneDNN primitives)
-  (ours, ours_cpu), (ref, ref_cpu) = _median_s(pair.ours, args.iters), _median_s(pair.torch, args.iters)
+  (ours, ours_cpu), (ref, ref_cpu) = (benchmark.median_seconds(fn, args.iters) for fn in (pair.ours, pair.torch))
   return dict(case=case.name, compile_s=compile_s, ours_s=ours, torch_s=ref, ratio=ours / ref, ours_cpu_s=ours_cpu,
               torch_cpu_s=ref_cpu, cpu_ratio=ours_cpu / ref_cpu)
 

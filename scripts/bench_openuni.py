@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import transformers
 
+from unimm_jax import benchmark
 from unimm_jax.convert import engine, hf
 from unimm_jax.convert.family import abstract_params
 from unimm_jax.convert.maps import internvl as internvl_map
@@ -185,10 +186,6 @@ def convert(model: TorchOpenUni, image_size: int) -> tuple[openuni.OpenUni, Any]
   return openuni.OpenUni(cfg), jax.tree.map(jnp.asarray, engine.unflatten(flat))
 
 
-def _timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
-  t0, c0 = time.perf_counter(), time.process_time()
-  out = fn()
-  return out, time.perf_counter() - t0, time.process_time() - c0
 
 
 STAGES = ("condition", "sample", "decode")
@@ -230,7 +227,7 @@ def run(args: argparse.Namespace) -> dict:
   def one_image(stages) -> tuple[Any, dict[str, tuple[float, float]]]:
     x, times = None, {}
     for name in STAGES:
-      x, wall, cpu = _timed(lambda: stages[name](x))
+      x, wall, cpu = benchmark.timed(lambda: stages[name](x))
       times[name] = (wall, cpu)
     return x, times
 

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
 
 import diffusers
 import flax.linen as nn
@@ -38,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_vae import _convert  # noqa: E402  (diffusers weights through our converter)
 
+from unimm_jax import benchmark
 from unimm_jax.models import flux, yak  # noqa: E402
 
 TINY = dict(hidden=64, heads=2, context_dim=128, vec_in_dim=64, axes_dims=(8, 12, 12))
@@ -48,14 +47,6 @@ def yak_config(args: argparse.Namespace) -> yak.YakConfig:
   return yak.YakConfig(**{**kw, "depth": args.double, "single_depth": args.single})
 
 
-def _median_s(fn: Callable[[], object], iters: int) -> tuple[float, float]:
-  wall, cpu = [], []
-  for _ in range(iters):
-    t0, c0 = time.perf_counter(), time.process_time()
-    fn()
-    wall.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  return statistics.median(wall), statistics.median(cpu)
 
 
 def _random_params(boxed, seed: int = 0):
@@ -123,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     fn()                                    # compile (jax) / warm-up (torch allocator, oneDNN primitives)
     first = time.perf_counter() - t0
-    wall, cpu = _median_s(fn, args.iters)
+    wall, cpu = benchmark.median_seconds(fn, args.iters)
     rows.append(dict(side=name, first_s=first, wall_s=wall, cpu_s=cpu,
                      gflop=cfg.forward_flops(n, t, refiner=extra, image_attention=extra) / 1e9))
   anchor, ours_flux, ours = rows[2], rows[1], rows[0]

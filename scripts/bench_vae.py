@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
 import time
 
@@ -28,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from unimm_jax import registry
+from unimm_jax import benchmark, registry
 from unimm_jax.convert.family import abstract_params
 from unimm_jax.convert import engine  # noqa: E402
 
@@ -52,13 +51,6 @@ def _convert(ref: torch.nn.Module, family: str):
   return fam.module(cfg), params
 
 
-def _median_s(fn, iters: int) -> float:
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def bench_pair(name: str, ref, module, params, x: np.ndarray, iters: int) -> list[dict]:
@@ -77,11 +69,11 @@ def bench_pair(name: str, ref, module, params, x: np.ndarray, iters: int) -> lis
     ref.decode(zt)
     rows = [
         dict(case=name, op="encode", compile_s=enc_compile,
-             ours_s=_median_s(lambda: jax.block_until_ready(enc(params, x)), iters),
-             torch_s=_median_s(lambda: ref.encode(xt), iters)),
+             ours_s=benchmark.median_seconds(lambda: jax.block_until_ready(enc(params, x)), iters)[0],
+             torch_s=benchmark.median_seconds(lambda: ref.encode(xt), iters)[0]),
         dict(case=name, op="decode", compile_s=dec_compile,
-             ours_s=_median_s(lambda: jax.block_until_ready(dec(params, z)), iters),
-             torch_s=_median_s(lambda: ref.decode(zt), iters)),
+             ours_s=benchmark.median_seconds(lambda: jax.block_until_ready(dec(params, z)), iters)[0],
+             torch_s=benchmark.median_seconds(lambda: ref.decode(zt), iters)[0]),
     ]
   for r in rows:
     r["ratio"] = r["ours_s"] / r["torch_s"]
