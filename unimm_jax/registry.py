@@ -43,6 +43,7 @@ TASKS: dict[str, str | Callable] = {
     "tuna": "unimm_jax.training.tuna_task:build",
     "openuni": "unimm_jax.training.openuni_task:build",
     "ming": "unimm_jax.training.ming_task:build",
+    "uniworld": "unimm_jax.training.uniworld_task:build",
 }
 
 # config.data.name -> builder(config, batch_per_process, process_index, process_count) -> grain.IterDataset
@@ -52,6 +53,7 @@ DATASETS: dict[str, str | Callable] = {
     "tuna_streams": "unimm_jax.data.tuna_data:streams_from_config",
     "shapes_openuni": "unimm_jax.data.openuni_data:shapes_from_config",
     "shapes_ming": "unimm_jax.data.ming_data:shapes_from_config",
+    "shapes_uniworld": "unimm_jax.data.uniworld_data:shapes_from_config",
 }
 
 
