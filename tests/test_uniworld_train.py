@@ -63,6 +63,36 @@ def test_changes_below_the_threshold_closing_and_refusals():
 
 # ------------------------------------------------------------------------------------------------- task, data
 
+def test_shapes_stream_rows():
+  """Both kinds of record: get_train_prompt's pieces, left padding, one <|vision_end|> and k image tokens per edit,
+  the SigLIP rows inserted before it, text-to-image rows weighed 1 with zero references."""
+  from unimm_jax.data.tokenizer import shapes_tokenizer
+  c = tiny_config()
+  cfg, _, grid = uniworld_task.configs_from(c)
+  merged = grid[1] * grid[2] // cfg.vlm.vision.merge ** 2
+  batch = next(iter(registry.dataset(c.data.name)(c, 16, 0, 1)))
+  tok, t, k = shapes_tokenizer(), c.data.seq_len, cfg.siglip_tokens
+  assert 0 < batch["has_ref"].sum() < 16
+  for r in range(16):
+    mask, ids = batch["attention_mask"][r], batch["input_ids"][r]
+    n = int(mask.sum())
+    assert mask[:t - n].sum() == 0 and mask[t - n:].all()   # left-padded
+    text = tok.decode(ids[t - n:])
+    assert text.startswith("<|im_start|> user \n") and text.endswith("<|im_end|> \n <|im_start|> assistant \n "
+                                                                       "<|vision_start|>"), text
+    index, ins_mask = batch["insertion_index"][r], batch["insertion_mask"][r]
+    if batch["has_ref"][r]:
+      assert (ids == cfg.vlm.vision_end_token_id).sum() == 1 and (ids == cfg.vlm.image_token_id).sum() == merged
+      end = int(np.flatnonzero(ids == cfg.vlm.vision_end_token_id)[0])
+      real = index[ins_mask > 0]
+      assert real.tolist() == list(range(t - n, end)) + list(range(t, t + k)) + list(range(end, t))
+      assert batch["weights"][r].max() > 1 and np.abs(batch["siglip_pixels"][r]).sum() > 0
+    else:
+      assert (ids == cfg.vlm.vision_end_token_id).sum() == 0 and (ids == cfg.vlm.image_token_id).sum() == 0
+      assert index[ins_mask > 0].tolist() == list(range(t - n, t))
+      assert (batch["weights"][r] == 1).all() and not batch["vlm_patches"][r].any()
+    assert (index[ins_mask == 0] == t + k).all()   # padding reads the zero row
+
 def tiny_config(stage="stage2"):
   c = uniworld_configs.get_config(f"tiny,{stage}")
   c.batch_size = 4
