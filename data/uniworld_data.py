@@ -97,9 +97,10 @@ def region_weights(reference: np.ndarray | None, target: np.ndarray, factor: int
     raise ValueError(f"region_weights{where}: the edited region is {ratio:.2e} of the image, under {MIN_AREA} "
                      "(get_weight_mask refuses such a pair)")
   pooled = close_holes(mask.reshape(h // factor, factor, w // factor, factor).any(axis=(1, 3)))
-  x = pooled.size / pooled.sum()
-  weight = np.log2(x) + 1 if weight_type == "log" else 2.0 ** (np.sqrt(x) - 1)
-  return np.where(pooled, np.round(weight, 6), 1.0).astype(np.float32)
+  # in float32 as get_weight's torch tensors, so the 6-decimal rounding lands where the original's does
+  x = np.float32(pooled.size) / np.float32(pooled.sum())
+  weight = np.log2(x) + np.float32(1) if weight_type == "log" else np.float32(2) ** (np.sqrt(x) - np.float32(1))
+  return np.where(pooled, np.round(weight, 6), np.float32(1)).astype(np.float32)
 
 
 def train_prompt_ids(tokenizer: Any, instruction: str, image_tokens: int | None) -> list[int]:

@@ -41,6 +41,16 @@ def test_log_region_weights_by_hand():
   assert e[0, 0] == 1.0
 
 
+def test_region_weights_equal_the_originals():
+  """tests/fixtures/uniworld_weights: get_weight_mask of the original (opencv + torch) on 32 pairs, log and exp."""
+  import os
+  with np.load(os.path.join(os.path.dirname(__file__), "fixtures", "uniworld_weights", "weights.npz")) as z:
+    for n in range(len([k for k in z.files if k.startswith("ref_")])):
+      for kind in ("log", "exp"):
+        got = uniworld_data.region_weights(z[f"ref_{n}"], z[f"tgt_{n}"], 8, kind)
+        np.testing.assert_allclose(got, z[f"{kind}_{n}"], atol=2e-6, rtol=0, err_msg=f"{kind}_{n}")
+
+
 def test_changes_below_the_threshold_closing_and_refusals():
   ref, tgt = _pair()
   faint = ref.copy()
