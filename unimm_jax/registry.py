@@ -44,6 +44,7 @@ TASKS: dict[str, str | Callable] = {
     "openuni": "unimm_jax.training.openuni_task:build",
     "ming": "unimm_jax.training.ming_task:build",
     "ovis_u1": "unimm_jax.training.ovis_u1_task:build",
+    "uniworld": "unimm_jax.training.uniworld_task:build",
 }
 
 # config.data.name -> builder(config, batch_per_process, process_index, process_count) -> grain.IterDataset
@@ -54,6 +55,7 @@ DATASETS: dict[str, str | Callable] = {
     "shapes_openuni": "unimm_jax.data.openuni_data:shapes_from_config",
     "shapes_ming": "unimm_jax.data.ming_data:shapes_from_config",
     "shapes_ovis": "unimm_jax.data.ovis_data:shapes_from_config",
+    "shapes_uniworld": "unimm_jax.data.uniworld_data:shapes_from_config",
 }
 
 

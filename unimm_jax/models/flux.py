@@ -283,9 +283,12 @@ class FluxTransformer2DModel(nn.Module):
     self.proj_out = dense((d,), (cfg.output_channels,), ("embed", None))
 
   def __call__(self, x: jax.Array, context: jax.Array, pooled: jax.Array, timestep: jax.Array,
-               img_ids: jax.Array, txt_ids: jax.Array, guidance: jax.Array | None = None) -> jax.Array:
+               img_ids: jax.Array, txt_ids: jax.Array, guidance: jax.Array | None = None,
+               txt_mask: jax.Array | None = None) -> jax.Array:
     """x [b n c] packed latents, context [b T context_dim], pooled [b p], timestep [b] (sigma in [0, 1]),
-    img_ids [n 3], txt_ids [T 3] (t, h, w) ids, guidance [b] (models with guidance_embeds) -> [b n out]."""
+    img_ids [n 3], txt_ids [T 3] (t, h, w) ids, guidance [b] (models with guidance_embeds) -> [b n out].
+    txt_mask [b T] (1 = token, 0 = padding; default: all tokens) keeps the padding of a batch of unequal
+    prompts out of the joint attention, as each prompt alone would be (diffusers takes no mask)."""
     cfg = self.cfg
     if x.ndim != 3 or x.shape[-1] != cfg.in_channels:
       raise ValueError(f"FluxTransformer2DModel: latents {x.shape} must be [b n {cfg.in_channels}] "
@@ -301,9 +304,12 @@ class FluxTransformer2DModel(nn.Module):
     txt = nn.with_logical_constraint(self.context_embedder(context), ACT)
     vec = self.time_text_embed(timestep, pooled, guidance)
     angles = rope_angles_axes(jnp.concatenate([txt_ids, img_ids]), cfg.axes_dims, cfg.rope_theta)[None]
-    (img, txt), _, _ = run_layers(self.transformer_blocks, (img, txt), None, vec, angles)
+    segments = None if txt_mask is None else jnp.concatenate(
+        [jnp.asarray(txt_mask, jnp.int32), jnp.ones(img.shape[:2], jnp.int32)], axis=1)
+    (img, txt), _, _ = run_layers(self.transformer_blocks, (img, txt), None, vec, angles, segments)
     # diffusers concatenates and splits again in every single block; once around all of them is the same
-    x, _, _ = run_layers(self.single_transformer_blocks, jnp.concatenate([txt, img], axis=1), None, vec, angles)
+    x, _, _ = run_layers(self.single_transformer_blocks, jnp.concatenate([txt, img], axis=1), None, vec, angles,
+                         segments)
     img = x[:, txt.shape[1]:]
     scale, shift = self.norm_out(vec)
     img = modulate(self.norm_out_layer_norm(img), shift[:, None], scale[:, None])
