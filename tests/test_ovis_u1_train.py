@@ -11,7 +11,7 @@ import pytest
 from configs import ovis_u1 as ovis_configs
 from unimm_jax import registry, sharding
 from unimm_jax.convert.maps.ovis_u1 import FAMILY
-from unimm_jax.data import ovis_data
+from unimm_jax.data import ovis_data, shapes
 from unimm_jax.data.tokenizer import shapes_tokenizer
 from unimm_jax.models import ovis_u1
 from unimm_jax.sampling import ovis_u1 as S
@@ -78,7 +78,7 @@ def _items(c, stream_cls, stream):
   d = c.data
   processor = S.OvisImageProcessor(patch=cfg.vision.patch, merge=cfg.vision.merge, min_pixels=d.min_pixels,
                                    max_pixels=d.max_pixels)
-  src = ovis_data.shapes.ShapesSource(stream, 8, size=d.image_size, seed=0)
+  src = shapes.ShapesSource(stream, 8, size=d.image_size, seed=0)
   extra = (d.image_size,) if stream == "t2i" else ()
   return cfg, processor, stream_cls(src, shapes_tokenizer(), cfg, processor, d.seq_len, *extra)
 
