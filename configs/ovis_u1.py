@@ -1,5 +1,5 @@
 """Ovis-U1 (task "ovis_u1", training/ovis_u1_task.py): `configs/ovis_u1.py:VARIANT` with VARIANT tiny | 3b, the stage
-with --config.stage=refiner_decoder|decoder|understanding; and the sampling settings of the release's test scripts
+with --config.stage=refiner_decoder|decoder|edit|understanding; and the sampling settings of the release's test scripts
 (test_txt_to_img.py, test_img_edit.py, test_img_to_txt.py of AIDC-AI/Ovis-U1).
 
 Sizes come from the model's constructors (`OvisU1Config.tiny` / `.ovis_u1_3b`, named by `preset`); this file holds

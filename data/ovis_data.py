@@ -1,22 +1,25 @@
 """Ovis-U1 training batches over a record stream (data/README.md raw records): text-to-image examples for the
-decoder stages and single-turn understanding examples for the understanding stage (training/ovis_u1_task.py).
+decoder stages, edit examples for the edit stage and single-turn understanding examples for the understanding
+stage (training/ovis_u1_task.py).
 
 Prompts are the release's (sampling/ovis_u1.py, the Qwen3ConversationFormatter): text-to-image the describe-prefixed
 caption with no assistant turn and the white image of the output size through the visual tokenizer (as
 test_txt_to_img.py feeds it), next to the null prompt "Generate an image." with the same image (condition dropout
-picks one of the two inside the step); understanding the image, the question and the empty-think assistant prefill,
+picks one of the two inside the step); edit the instruction with the source canvas, and the null prompt with the
+same canvas (EditExamples); understanding the image, the question and the empty-think assistant prefill,
 then the answer and <|im_end|> as the targets (an mmu record's last turn: earlier turns are not used).
 Each image's `<image>` is expanded to its visual-token count; ids are right-padded to data.seq_len (the LLM is
 causal, so the padding after the prompt changes nothing before it; txt_mask keeps it out of the decoder's
 condition).
 
 Each example's image sits alone in its own vision row of exactly its patches (every image of a stream has one
-size: the output canvas for text-to-image, the record size for understanding), so the vision arrays have the
-example axis first and split over devices and microbatches with the rest of the batch:
+size: the output canvas for text-to-image, the edit canvas for edits, the record size for understanding), so the
+vision arrays have the example axis first and split over devices and microbatches with the rest of the batch:
   patches [l P], positions [l 2], frame_sizes [l 2], frame_ids [l], window_ids [l] (data/qwen_vl.pack_vision of
   one image), vision_tokens [k]: each visual token's index in its row's merged output (the window order undone);
   the step adds the row offsets (`vision_inputs`).
-Images (text-to-image targets) are [S S 3] float32 in [-1, 1]; the frozen VAE encodes them inside the step.
+Images (the targets) and an edit's source are [H W 3] float32 in [-1, 1]; the frozen VAE encodes them inside the
+step.
 Record i is a pure function of (seed, i): a resumed run reads the same batches.
 """
 
@@ -70,6 +73,12 @@ def _pad(ids: list[int], seq_len: int, pad_id: int, where: str) -> tuple[np.ndar
   return row, mask
 
 
+def generation_ids(tokenizer: Any, text: str, count: int, seq_len: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+  """A generation prompt with one image of `count` visual tokens -> (ids, mask) right-padded to seq_len."""
+  ids = vlm.expand_placeholders(S.prompt_ids(tokenizer, text, answer=False), ovis_u1.IMAGE_ATOM_ID, [count], where)
+  return _pad(ids, seq_len, tokenizer.pad_token_id or 0, where)
+
+
 @dataclasses.dataclass(frozen=True)
 class T2IExamples:
   """grain random-access source: `t2i` records (text, one image) as decoder-stage examples at image_size."""
@@ -90,13 +99,8 @@ class T2IExamples:
     row = vision_row(S.tokenizer_image(S.blank(self.image_size, self.image_size), self.processor), self.processor,
                      self.cfg)
     count = len(row["vision_tokens"])
-    null = self._ids(S.UNCOND, count, "ovis data: the null prompt")
+    null = generation_ids(self.tokenizer, S.UNCOND, count, self.seq_len, "ovis data: the null prompt")
     return {"row": row, "count": count, "null": null}
-
-  def _ids(self, text: str, count: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-    ids = vlm.expand_placeholders(S.prompt_ids(self.tokenizer, text, answer=False), ovis_u1.IMAGE_ATOM_ID, [count],
-                                  where)
-    return _pad(ids, self.seq_len, self.tokenizer.pad_token_id or 0, where)
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     record = self.source[index]
@@ -105,10 +109,45 @@ class T2IExamples:
       raise ValueError(f"ovis data: record {index} ({record.get('id')}) has a {image.shape} image, expected "
                        f"[{self.image_size} {self.image_size} 3] (data.image_size)")
     blank = self._blank
-    ids, mask = self._ids(S.T2I.format(record["text"]), blank["count"], f"ovis data: record {index}")
+    ids, mask = generation_ids(self.tokenizer, S.T2I.format(record["text"]), blank["count"], self.seq_len,
+                               f"ovis data: record {index}")
     null_ids, null_mask = blank["null"]
     return {"input_ids": ids, "txt_mask": mask, "null_ids": null_ids, "null_mask": null_mask,
             "images": image.astype(np.float32) / 127.5 - 1, **blank["row"]}
+
+
+@dataclasses.dataclass(frozen=True)
+class EditExamples:
+  """grain random-access source: `edit` records (instruction, source and target images) as edit-stage examples:
+  test_img_edit.py's canvas (smart_resize(h, w, factor 32) of the source, cover-cropped) through the visual
+  tokenizer with the instruction, the null prompt with the same canvas (the image-only guidance branch: condition
+  dropout drops the instruction, not the image), the canvas as the VAE condition (`source`) and the target
+  cover-cropped to the canvas (`images`), both [H W 3] in [-1, 1]."""
+
+  source: Any
+  tokenizer: Any
+  cfg: ovis_u1.OvisU1Config
+  processor: S.OvisImageProcessor
+  seq_len: int
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    record = self.source[index]
+    where = f"ovis data: record {index} ({record.get('id')})"
+    if len(record["images"]) != 2:
+      raise ValueError(f"{where}: {len(record['images'])} images, an edit record has (source, target)")
+    src, tgt = (np.asarray(i, np.uint8) for i in record["images"])
+    size = S.smart_resize(*src.shape[:2], factor=S.EDIT_FACTOR)
+    canvas = S.cover_crop(S.resize(src, *size), *size)
+    target = S.cover_crop(tgt, *size)
+    row = vision_row(S.tokenizer_image(canvas, self.processor), self.processor, self.cfg)
+    count = len(row["vision_tokens"])
+    ids, mask = generation_ids(self.tokenizer, S.EDIT.format(record["text"].strip()), count, self.seq_len, where)
+    null_ids, null_mask = generation_ids(self.tokenizer, S.UNCOND, count, self.seq_len, where)
+    return {"input_ids": ids, "txt_mask": mask, "null_ids": null_ids, "null_mask": null_mask,
+            "source": S.vae_pixels(canvas)[0], "images": target.astype(np.float32) / 127.5 - 1, **row}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,8 +182,8 @@ class UnderstandingExamples:
 
 def shapes_from_config(config: Any, batch_per_process: int, process_index: int, process_count: int
                        ) -> grain.IterDataset:
-  """DATASETS["shapes_ovis"]: the shapes world's t2i stream (decoder stages) or mmu stream (config.stage
-  "understanding") at data.image_size, shuffled, endless."""
+  """DATASETS["shapes_ovis"]: the shapes world's t2i stream (decoder stages), edit stream (config.stage "edit")
+  or mmu stream ("understanding") at data.image_size, shuffled, endless."""
   from unimm_jax.data.tokenizer import shapes_tokenizer  # builds the tokenizer offline, in memory
   d = config.data
   cfg = ovis_u1.OvisU1Config.from_dict(config.model.to_dict())
@@ -155,9 +194,13 @@ def shapes_from_config(config: Any, batch_per_process: int, process_index: int, 
   processor = S.OvisImageProcessor(patch=cfg.vision.patch, merge=cfg.vision.merge, min_pixels=int(d.min_pixels),
                                    max_pixels=int(d.max_pixels))
   size, seq_len = int(d.image_size), int(d.seq_len)
-  if str(config.stage) == "understanding":
+  stage = str(config.stage)
+  if stage == "understanding":
     items = UnderstandingExamples(shapes.ShapesSource("mmu", int(d.num_records), size=size, seed=int(d.seed)),
                                   tokenizer, cfg, processor, seq_len)
+  elif stage == "edit":
+    items = EditExamples(shapes.ShapesSource("edit", int(d.num_records), size=size, seed=int(d.seed)), tokenizer,
+                         cfg, processor, seq_len)
   else:
     items = T2IExamples(shapes.ShapesSource("t2i", int(d.num_records), size=size, seed=int(d.seed)), tokenizer,
                         cfg, processor, seq_len, size)

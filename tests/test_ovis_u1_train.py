@@ -11,7 +11,7 @@ import pytest
 from configs import ovis_u1 as ovis_configs
 from unimm_jax import registry, sharding
 from unimm_jax.convert.maps.ovis_u1 import FAMILY
-from unimm_jax.data import ovis_data
+from unimm_jax.data import ovis_data, shapes
 from unimm_jax.data.tokenizer import shapes_tokenizer
 from unimm_jax.models import ovis_u1
 from unimm_jax.sampling import ovis_u1 as S
@@ -21,7 +21,7 @@ from unimm_jax.training import optim, ovis_u1_task, trainer
 
 STEPS = 10
 PARTS = ("llm", "visual_tokenizer", "vte", "visual_generator", "vae")
-TRAINED = {"refiner_decoder": {"visual_generator"}, "decoder": {"visual_generator"},
+TRAINED = {"refiner_decoder": {"visual_generator"}, "decoder": {"visual_generator"}, "edit": {"visual_generator"},
            "understanding": {"llm", "visual_tokenizer", "vte"}}
 
 
@@ -52,7 +52,7 @@ def test_stages_keep_their_frozen_parts_out_of_the_optimizer_state(stage):
     held = any(f"/{p}/" in f"/{path}/" for path in paths)
     assert held == (p in TRAINED[stage]), (stage, p)
   refiner = [path for path in paths if "visual_generator/txt_in/" in path]
-  assert bool(refiner) == (stage == "refiner_decoder")   # stage 5 tunes the decoder alone
+  assert bool(refiner) == (stage in ("refiner_decoder", "edit"))   # stage 5's t2i tunes the decoder alone
 
 
 def test_stage_and_objective_checks():
@@ -78,7 +78,7 @@ def _items(c, stream_cls, stream):
   d = c.data
   processor = S.OvisImageProcessor(patch=cfg.vision.patch, merge=cfg.vision.merge, min_pixels=d.min_pixels,
                                    max_pixels=d.max_pixels)
-  src = ovis_data.shapes.ShapesSource(stream, 8, size=d.image_size, seed=0)
+  src = shapes.ShapesSource(stream, 8, size=d.image_size, seed=0)
   extra = (d.image_size,) if stream == "t2i" else ()
   return cfg, processor, stream_cls(src, shapes_tokenizer(), cfg, processor, d.seq_len, *extra)
 
@@ -107,6 +107,28 @@ def test_t2i_batch_conditions_equal_the_pipeline_one_prompt_at_a_time():
       assert n == len(ids) and batch[f"{key}_ids"][i, :n].tolist() == ids
       want = condition(jnp.asarray([ids], jnp.int32), vision)[0]
       np.testing.assert_allclose(got[key][i, :n], want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_edit_examples_are_the_pipelines_inputs():
+  """An edit record -> the edit pipeline's prompt ids (instruction and null prompt with the source canvas through
+  the tokenizer), the canvas as VAE pixels and the target at the canvas size."""
+  c = tiny_config("edit")
+  cfg, processor, items = _items(c, ovis_data.EditExamples, "edit")
+  tokenizer = shapes_tokenizer()
+  for i in range(2):
+    ex, record = items[i], items.source[i]
+    src, tgt = record["images"]
+    size = S.smart_resize(*src.shape[:2], factor=S.EDIT_FACTOR)
+    canvas = S.cover_crop(S.resize(src, *size), *size)
+    patches, grid = processor(S.tokenizer_image(canvas, processor))
+    _, counts = ovis_u1.prepare_vision(patches, [grid], cfg)
+    for key, text in (("input", S.EDIT.format(record["text"].strip())), ("null", S.UNCOND)):
+      ids = vlm.expand_placeholders(S.prompt_ids(tokenizer, text, answer=False), ovis_u1.IMAGE_ATOM_ID, counts, "t")
+      mask = ex["txt_mask" if key == "input" else "null_mask"]
+      assert ex[f"{key}_ids"][:int(mask.sum())].tolist() == ids
+    np.testing.assert_array_equal(ex["source"], S.vae_pixels(canvas)[0])
+    np.testing.assert_array_equal(ex["images"], S.cover_crop(tgt, *size).astype(np.float32) / 127.5 - 1)
+    assert not np.array_equal(ex["source"], ex["images"])
 
 
 def test_understanding_examples_target_the_answer_only():
@@ -147,13 +169,21 @@ def _check_parts(stage, init, params):
     assert same == (p not in TRAINED[stage]), (stage, p)
 
 
-@pytest.mark.slow   # ~2 min CPU (400 s wall at load 10): one compile of the tiny step (VAE encoder, LLM, towers, decoder)
+@pytest.mark.slow   # ~2 min CPU (400 s wall at load 10): one compile of the tiny step (VAE, LLM, towers, decoder)
 def test_tiny_decoder_stage_overfits_with_the_llm_tokenizer_and_vae_frozen():
   init, params, (loss0, _), (loss1, m1), out = overfit("refiner_decoder")
   assert np.isfinite(out["loss"]) and out["finite"]
   assert loss1 < 0.7 * loss0, (loss0, loss1)
   assert m1["flow_loss"] == loss1
   _check_parts("refiner_decoder", init, params)
+
+
+@pytest.mark.slow   # ~2 min CPU: one compile of the tiny edit step
+def test_tiny_edit_stage_overfits_with_the_llm_tokenizer_and_vae_frozen():
+  init, params, (loss0, _), (loss1, _), out = overfit("edit")
+  assert np.isfinite(out["loss"]) and out["finite"]
+  assert loss1 < 0.7 * loss0, (loss0, loss1)
+  _check_parts("edit", init, params)
 
 
 @pytest.mark.slow   # ~1.5 min CPU (255 s wall at load 10): one compile of the tiny understanding step

@@ -4,6 +4,8 @@ Stages (config.stage), each with its frozen parts out of the optimizer state:
   "refiner_decoder"  stages 0 and 4: the refiner and the Yak decoder learn text-to-image from the frozen LLM's
                      condition; the LLM, the visual tokenizer, vte and the SDXL VAE frozen.
   "decoder"          stage 5's text-to-image part: the decoder alone (the refiner frozen too).
+  "edit"             the editing data of stages 4-5 (refiner and decoder, frozen as "refiner_decoder"): the source
+                     image's VAE tokens (ids (1, y, x)) join the noise tokens, as the sampler's edit does.
   "understanding"    stage 3: the visual tokenizer, vte and the LLM learn the answers (next-token cross-entropy,
                      training/lm.py); the decoder and the VAE frozen.
 
@@ -19,7 +21,9 @@ release samples (YakModel.get_schedule / denoise, sampling/ovis_u1.py):
   t = 1 to 0); per example the mean squared error, then the batch mean.
   The condition is the LLM's cat(hidden_states[-1], hidden_states[-2]) of the generation prompt with the white
   canvas (data/ovis_data.py); with probability config.ovis.cond_dropout a row takes the null prompt "Generate an
-  image." instead (the unconditional branch that text CFG contrasts with).
+  image." instead (the unconditional branch that text CFG contrasts with). An edit row keeps its source image
+  (canvas and VAE tokens) when its instruction is dropped: that is the sampler's image-only branch; the fully
+  unconditional branch (white image, no VAE tokens) is what the text-to-image stages learn.
 Batches: data/ovis_data.py.
 """
 
@@ -42,7 +46,7 @@ from unimm_jax.training.task import Batch, Params, Task
 
 _GENERATION_FROZEN = (r"llm/.*", r"visual_tokenizer/.*", r"vte", r"vae/.*")
 FROZEN = {"refiner_decoder": _GENERATION_FROZEN, "decoder": _GENERATION_FROZEN + (r"visual_generator/txt_in/.*",),
-          "understanding": (r"visual_generator/.*", r"vae/.*")}
+          "edit": _GENERATION_FROZEN, "understanding": (r"visual_generator/.*", r"vae/.*")}
 SIGMAS = ("uniform", "logit_normal")
 
 
@@ -58,15 +62,24 @@ def draw_sigma(rng: jax.Array, b: int, noise_tokens: int, cfg: ovis_u1.OvisU1Con
 
 def t2i_loss(module: ovis_u1.OvisU1, params: Params, batch: Batch, rng: jax.Array, dropout: float, sigma_kind: str
              ) -> jax.Array:
-  """The decoder stages' flow-matching loss before the batch mean (module docstring) -> [b]."""
+  """The decoder stages' flow-matching loss before the batch mean (module docstring) -> [b]; a batch with
+  `source` images is an edit batch."""
   cfg = module.cfg
   p = {"params": params}
   k_post, k_noise, k_sigma, k_drop = jax.random.split(rng, 4)
-  post = module.apply(p, batch["images"], method=lambda m, x: m.vae.encode(x))
-  z = post.mean + post.std * jax.random.normal(k_post, post.mean.shape, post.mean.dtype)
-  z = (z - (cfg.vae.shift_factor or 0.0)) * cfg.vae.scaling_factor
-  x0 = jax.lax.stop_gradient(pack_latents(z.astype(jnp.float32)))
-  b, h, w = z.shape[:3]
+  k_post, k_src = jax.random.split(k_post)
+
+  def tokens(images, key):   # the frozen VAE's posterior sample, scaled and 2x2-packed (the sampler's tokens)
+    post = module.apply(p, images, method=lambda m, x: m.vae.encode(x))
+    z = post.mean + post.std * jax.random.normal(key, post.mean.shape, post.mean.dtype)
+    z = (z - (cfg.vae.shift_factor or 0.0)) * cfg.vae.scaling_factor
+    return jax.lax.stop_gradient(pack_latents(z.astype(jnp.float32))), z.shape[:3]
+
+  x0, (b, h, w) = tokens(batch["images"], k_post)
+  cond_tokens, cond_ids = None, None
+  if "source" in batch:   # an edit: the source's tokens at ids (1, y, x), the target's size
+    cond_tokens, _ = tokens(batch["source"], k_src)
+    cond_ids = jnp.asarray(image_ids(h, w, frame=1))
   keep = (jax.random.uniform(k_drop, (b,)) >= dropout)[:, None]
   ids = jnp.where(keep, batch["input_ids"], batch["null_ids"])
   mask = jnp.where(keep, batch["txt_mask"], batch["null_mask"])
@@ -75,7 +88,7 @@ def t2i_loss(module: ovis_u1.OvisU1, params: Params, batch: Batch, rng: jax.Arra
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   sigma = draw_sigma(k_sigma, b, x0.shape[1], cfg, sigma_kind)
   x_t = flow.add_noise(x0, noise, sigma[:, None, None])
-  v = module.apply(p, x_t, jnp.asarray(image_ids(h, w)), cond, sigma, None, None, mask,
+  v = module.apply(p, x_t, jnp.asarray(image_ids(h, w)), cond, sigma, cond_tokens, cond_ids, mask,
                    method=ovis_u1.OvisU1.velocity)
   return jnp.mean(jnp.square(v.astype(jnp.float32) - flow.velocity_target(x0, noise)), axis=(1, 2))
 
@@ -124,7 +137,7 @@ def build(config: ml_collections.ConfigDict) -> Task:
     flops = train_flops_per_token(cfg.llm, seq_len) * seq_len + 3 * vision
   else:
     # the frozen LLM and tokenizer run forward only; the decoder forward + backward
-    noise_tokens = (size // cfg.vae.spatial_downscale // 2) ** 2
+    noise_tokens = (size // cfg.vae.spatial_downscale // 2) ** 2 * (2 if stage == "edit" else 1)   # + the source's
     flops = train_flops_per_token(cfg.llm, seq_len) * seq_len / 3 + vision + 3 * cfg.generator.forward_flops(
         noise_tokens, seq_len)
   return Task(name="ovis_u1", module=module, init_fn=init_fn, loss_fn=loss_fn, normalizers=normalizers,
