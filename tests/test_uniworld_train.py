@@ -234,6 +234,10 @@ def test_configs_are_consistent():
     bad = uniworld_configs.get_config("tiny")
     bad.stage = "stage3"
     uniworld_task.build(bad)
+  with pytest.raises(ValueError, match="drop_t5_rate 0.5: only 1.0"):
+    bad = uniworld_configs.get_config("tiny")
+    bad.uniworld.drop_t5_rate = 0.5
+    uniworld_task.build(bad)
 
 
 # ------------------------------------------------------------------------------------------------- training
