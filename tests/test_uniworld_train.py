@@ -234,6 +234,10 @@ def test_configs_are_consistent():
     bad = uniworld_configs.get_config("tiny")
     bad.stage = "stage3"
     uniworld_task.build(bad)
+  with pytest.raises(ValueError, match="drop_t5_rate 0.5: only 1.0"):
+    bad = uniworld_configs.get_config("tiny")
+    bad.uniworld.drop_t5_rate = 0.5
+    uniworld_task.build(bad)
 
 
 # ------------------------------------------------------------------------------------------------- training
@@ -332,3 +336,25 @@ def test_release_size_builds_sharded_over_8_devices(stage):
   else:   # + siglip_projector + the image branch of 19 double and 38 single blocks (~3.6B of FLUX's 11.9B)
     assert 3e9 < trained - projector < 4.5e9
   assert sum(n for n, t in sizes if not t) > 15e9   # the 7B VLM, most of FLUX, SigLIP, the task head, the VAE
+
+
+@pytest.mark.slow   # two meshes, each compiling the tiny init and step (~5 min on 2 shared cores)
+def test_data_parallel_step_equals_one_device():
+  """The tiny stage-2 step on 8 devices (data axis: the batch of 8 split one row per device, the reference images'
+  vision rows with it) gives the loss and the updated params of one device."""
+  c = tiny_config()
+  c.batch_size = 8
+  batch = next(iter(registry.dataset(c.data.name)(c, c.batch_size, 0, 1)))
+  out = []
+  for ici, devices in (((1, 1, 1), jax.devices()[:1]), ((8, 1, 1), jax.devices()[:8])):
+    mesh = sharding.make_mesh(ici, devices=devices)
+    rules = sharding.rules_from_config(c.sharding.rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      s = trainer.build(c, mesh, rules)
+      state = s.init(jax.random.PRNGKey(0))
+      state, metrics = s.step(state, s.global_batch(batch))
+      out.append((float(metrics["loss"]), jax.device_get(state.params)))
+  (loss1, p1), (loss8, p8) = out
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

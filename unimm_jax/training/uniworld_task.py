@@ -167,6 +167,9 @@ def build(config: ml_collections.ConfigDict) -> Task:
   stage = str(config.stage)
   if stage not in FROZEN:
     raise ValueError(f"config.stage {stage!r} is not one of {sorted(FROZEN)}")
+  if float(config.uniworld.drop_t5_rate) != 1.0:
+    raise ValueError(f"config.uniworld.drop_t5_rate {config.uniworld.drop_t5_rate}: only 1.0 is supported (both "
+                     "released stages train without T5, pooled = CLIP(''))")
   module = UniWorldDenoiser(cfg, vae_cfg, grid)
   use_siglip, guidance = USES_SIGLIP[stage], float(config.uniworld.train_guidance)
   scheduler = config.uniworld.scheduler.to_dict()
