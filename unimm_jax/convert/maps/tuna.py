@@ -25,6 +25,17 @@ _HEAD = (
     (r"diffusion_head_b\.adaLN_modulation\.1\.bias", "diffusion_head_b/adaLN_modulation/linear/bias", T.identity),
     (r"time_embed\.mlp\.([02])\.weight", r"time_embed/mlp_\1/kernel", T.transpose),
     (r"time_embed\.mlp\.([02])\.bias", r"time_embed/mlp_\1/bias", T.identity),
+    # options (TunaConfig.aspect_ratio_embeds, TunaHeadConfig.share_adaln, head.embed != llm.embed); a checkpoint
+    # with keys of an option its config lacks fails naming them ("the model has no such parameter")
+    (r"aspect_ratio_embed\.mlp\.([02])\.weight", r"aspect_ratio_embed/mlp_\1/kernel", T.transpose),
+    (r"aspect_ratio_embed\.mlp\.([02])\.bias", r"aspect_ratio_embed/mlp_\1/bias", T.identity),
+    (r"shared_adaln\.1\.weight", "shared_adaln/linear/kernel", T.transpose),
+    (r"shared_adaln\.1\.bias", "shared_adaln/linear/bias", T.identity),
+    (_A + r"scale_shift_table", r"diffusion_head_a_\1/scale_shift_table", T.identity),
+    (r"diff_proj\.([02])\.weight", r"diff_proj/layers_\1/kernel", T.transpose),
+    (r"diff_proj\.([02])\.bias", r"diff_proj/layers_\1/bias", T.identity),
+    (r"(time_embed_proj|ar_embed_proj)\.weight", r"\1/kernel", T.transpose),
+    (r"(time_embed_proj|ar_embed_proj)\.bias", r"\1/bias", T.identity),
 )
 RULES_SIGLIP = (
     *prefixed(qwen.RULES, r"tuna\.", "llm/"),
