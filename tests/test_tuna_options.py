@@ -180,8 +180,10 @@ def test_option_keys_convert_both_ways_and_are_read_from_the_checkpoint(model_an
   plain = dataclasses.replace(cfg, aspect_ratio_embeds=False, head=dataclasses.replace(cfg.head, share_adaln=False))
   shapes = {k: v.shape for k, v in state.items()} | {"tuna.model.embed_tokens.weight": (64, d)}
   assert tuna_convert.with_checkpoint_vocab(plain, shapes, "ckpt") == cfg
-  back = engine.convert({k: (lambda v=v: v) for k, v in state.items()}, tuna_map.rules(cfg),
-                        {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()})
+  # (TUNA-2's training-only mask_token is skipped)
+  back = engine.convert({k: (lambda v=v: v) for k, v in {**state, "mask_token": np.zeros((1, 1, d))}.items()},
+                        tuna_map.rules(cfg), {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()},
+                        ignore=tuna_map.ignore(cfg))
   for k, v in flat.items():
     np.testing.assert_array_equal(np.asarray(back[k]), v, err_msg=k)
   # the keys of an option the config lacks are named
@@ -283,3 +285,27 @@ def test_chat_template_prompt_path_is_the_references_layout(model_and_batch):
                             flow.text_guidance(2.0))
   want = flow.euler(velocity, jnp.asarray(noise.reshape(1, 4, o)), sampling.time_grid(3, 3.0))
   np.testing.assert_allclose(got, np.asarray(want).reshape(got.shape), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_understanding_with_aspect_ratio_slots_and_kv_cache_equals_full_recompute(model_and_batch):
+  """The prefill lays out the height / width slots as training does (left-padded rows included)."""
+  from unimm_jax.data import packing
+  from unimm_jax.sampling import tuna as sampling
+  cfg, model, params, _ = model_and_batch
+  o = cfg.token_features
+  rng = np.random.default_rng(5)
+  images = [rng.normal(size=(2, 3, o)).astype(np.float32), rng.normal(size=(2, 2, o)).astype(np.float32)]
+  prompts = [[13, 14], [13, 14, 15, 16]]
+  out = sampling.TunaSampler(model, params, tuna_tiny.TOK).understand(images, prompts, max_new_tokens=3)
+  for img, prompt, got in zip(images, prompts, out.tokens):
+    s = ts.understanding_prompt(img, prompt, tuna_tiny.TOK, meta_slots=3)
+    tokens = []
+    for _ in range(3):
+      full = {k: np.concatenate([v, np.zeros(len(tokens), v.dtype)]) if isinstance(v, np.ndarray) else v
+              for k, v in s.items()}
+      full["input_ids"] = np.concatenate([s["input_ids"], np.asarray(tokens, np.int32)])
+      b = {k: jnp.asarray(v) for k, v in ts.to_batch([packing.pack_row([full], 32)], 1, o).items()}
+      logits = model.apply({"params": params}, {**b, "x_t": b["x1"], "span_t": jnp.ones((1, 1))}).logits
+      tokens.append(int(jnp.argmax(logits[0, len(full["input_ids"]) - 1])))
+    assert got.tolist() == tokens

@@ -55,9 +55,11 @@ RULES_PATCH = (
     (r"vision_encoder\.(row|column)_embedding\.weight", r"vision_encoder/\1_embedding", T.identity),
     *_HEAD,
 )
-# Non-persistent buffers some exports keep; `vae.*` is converted separately.
+# Non-persistent buffers some exports keep; `vae.*` is converted separately; TUNA-2's `mask_token` (DeTok masked
+# image modelling, enable_mask_token in configs/model/tuna_2_pixel_7b.yaml) is used only while training, by a
+# masking our trainer does not do (docs/tuna.md).
 IGNORE = (r"tuna\.model\.rotary_emb\.inv_freq", r"diffusion_head_a\.\d+\.self_attn\.rotary_emb\.inv_freq",
-          r"image_position_ids", r"vae\..*")
+          r"image_position_ids", r"vae\..*", r"mask_token")
 
 
 def rules(cfg) -> tuple:
