@@ -7,6 +7,8 @@ for TUNA) -- flow.shifted_grid seen from the clean end -- hence N - 1 model eval
 branches share one batch: v = v_null + g (v_cond - v_null). An x0-predicting model (TUNA-2) is turned into
 the velocity dx/dt = (x1_hat - x_t) / (1 - t) = -flow.velocity_from_clean.
 Shapes: n images, N = h * w image tokens, o values per token, b rows of the batched branches.
+Not matched yet: the reference samples its pixel variants (TUNA-2, TUNA-R) with jit_utils.JiTSampler instead --
+noise * noise_scale (2 in its configs), grid linspace(0, 1, N + 1) without shift, 1 - t clamped at 0.05 (docs/tuna.md).
 """
 
 from __future__ import annotations
