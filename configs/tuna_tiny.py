@@ -56,7 +56,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       warmup=dict(steps=0, weights=dict(t2i=1.0, edit=0.0, mmu=0.0, text=0.0)),
       # name="tuna_streams" trains on your own data instead (data/README.md, section 7):
       # --config.data.name=tuna_streams --config.data.sources.t2i=jsonl:/path/captions.jsonl
-      sources=dict(t2i="", edit="", mmu="", text=""), tokenizer="", chat_template=False))
+      sources=dict(t2i="", edit="", mmu="", text=""), tokenizer="", chat_template=False,
+      # understanding CE on answer + eos only, as before the reference's <boi> / <eoi> targets became an option
+      mmu_vision_labels=False))
   c.batch_size = v["batch_size"]
   c.steps = v["steps"]
   c.optim.update(lr=3e-3, warmup_steps=50, schedule="cosine", end_lr_frac=0.1, weight_decay=0.01, ema_decay=0.0)

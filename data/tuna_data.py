@@ -36,6 +36,8 @@ class TunaBuilder:
   # the source with an empty instruction for editing). Decided by a hash of the record id: deterministic
   # and resumable without an rng in the pipeline.
   caption_dropout: float = 0.1
+  meta_slots: int = 1            # 3: spans open with height and width slots (TunaConfig.meta_slots)
+  vision_labels: bool = False    # understanding: <boi> / <eoi> are CE targets too (tuna_sequences)
 
   def image(self, img: np.ndarray) -> np.ndarray:
     if img.shape[-1] != self.channels:
@@ -46,12 +48,14 @@ class TunaBuilder:
     stream, images, text = ex["stream"], [self.image(i) for i in ex["images"]], ex["text_ids"]
     if stream in ("t2i", "edit") and zlib.crc32(str(ex["id"]).encode()) % 10_000 < self.caption_dropout * 10_000:
       text = text[:0]
+    m = self.meta_slots
     if stream == "t2i":
-      sample = ts.t2i_sample(text, images[0], self.tokens)
+      sample = ts.t2i_sample(text, images[0], self.tokens, meta_slots=m)
     elif stream == "mmu":
-      sample = ts.understanding_sample(images[0], text, ex["answer_ids"], self.tokens, ex["text_loss"])
+      sample = ts.understanding_sample(images[0], text, ex["answer_ids"], self.tokens, ex["text_loss"],
+                                       vision_labels=self.vision_labels, meta_slots=m)
     elif stream == "edit":
-      sample = ts.edit_sample(images[0], text, images[1], self.tokens)
+      sample = ts.edit_sample(images[0], text, images[1], self.tokens, meta_slots=m)
     elif stream == "text":
       sample = ts.text_sample(text, self.tokens)
     else:
@@ -62,9 +66,11 @@ class TunaBuilder:
 def tuna_pipeline(streams: list[pipeline.Stream], *, tokenizer: Any, patch: int, channels: int,
                   buckets: tuple[tuple[int, int], ...], seq_len: int, max_spans: int, batch_size: int, seed: int = 0,
                   caption_dropout: float = 0.1, chat_template: bool = False, shard_index: int = 0,
-                  shard_count: int = 1, max_consecutive_skips: int = 1000) -> pipeline.Pipeline:
+                  shard_count: int = 1, max_consecutive_skips: int = 1000, meta_slots: int = 1,
+                  vision_labels: bool = False) -> pipeline.Pipeline:
   """Canonical records of the given streams -> packed TUNA batches (data.tuna_sequences.to_batch)."""
-  builder = TunaBuilder(ts.TunaTokens.from_tokenizer(tokenizer), patch, channels, caption_dropout)
+  builder = TunaBuilder(ts.TunaTokens.from_tokenizer(tokenizer), patch, channels, caption_dropout, meta_slots,
+                        vision_labels)
   prepare = pipeline.Prepare(tokenizer, builder, buckets=buckets, chat_template=chat_template)
   return pipeline.Pipeline(
       streams, prepare, seq_len=seq_len, batch_size=batch_size, seed=seed, shard_index=shard_index,
@@ -93,13 +99,17 @@ def _from_config(config: Any, name: str, streams: Callable[[dict[str, float]], l
   (`_check_model`)."""
   d, m = config.data, config.model
   size, patch = int(d.image_size), int(m.patch)
+  meta_slots = tuna.TunaConfig.from_dict(m.to_dict()).meta_slots
+  # a config that does not say labels <boi> / <eoi> as the reference does; configs/tuna.py's variants say no
+  vision_labels = bool(d.get("mmu_vision_labels", True))
 
   def build(weights: dict[str, float]) -> pipeline.Pipeline:
     return tuna_pipeline(
         streams(weights), tokenizer=tokenizer, patch=patch, channels=int(m.channels), buckets=((size, size),),
         seq_len=int(d.seq_len), max_spans=int(d.max_spans), batch_size=batch_size, seed=int(d.seed),
         caption_dropout=float(d.get("caption_dropout", 0.1)), chat_template=bool(d.get("chat_template", False)),
-        shard_index=process_index, shard_count=process_count, max_consecutive_skips=int(d.max_consecutive_skips))
+        shard_index=process_index, shard_count=process_count, max_consecutive_skips=int(d.max_consecutive_skips),
+        meta_slots=meta_slots, vision_labels=vision_labels)
 
   weights = {k: float(v) for k, v in d.weights.to_dict().items()}
   warmup = d.get("warmup")

@@ -9,6 +9,13 @@ Layouts (reference: tuna-2 tuna/data/tokenize_utils.py), with each image a span
   text   [bos] text [eos]                                     CE on every token after bos
 Deviation from the reference, on purpose: its datasets reserve h*w slots per image for a span of
 1 + h*w, silently dropping the last image token; here every span has 1 + h*w slots.
+Options (keyword arguments of the builders):
+  meta_slots=3   spans open with [height slot] [width slot] [time slot] (TunaConfig.aspect_ratio_embeds, the
+                 reference's add_aspect_ratio_embeds: its pipelines' `num_image_tokens = h*w + 2 + 1`); the
+                 `time_slot` key marks all three
+  vision_labels  understanding: <|vision_start|> and <|vision_end|> are CE targets too, as the reference's
+                 tokenize_utils.format_sequence_und computes; off, only the answer and eos are (our choice
+                 before this option, kept for the existing configs -- configs/tuna.py)
 
 A sample (see data/packing.py) has per-token arrays: tokens, labels (target token or IGNORE, aligned
 with tokens: CE compares logits[i - 1] with labels[i]), span_local, time_slot, img_y, img_x, img_h,
@@ -58,19 +65,23 @@ def _text(ids: Sequence[int], labelled: bool | np.ndarray) -> dict[str, np.ndarr
   return {"input_ids": ids, "labels": np.where(labelled, ids, IGNORE).astype(np.int32)}
 
 
-def _span(patches: np.ndarray, k: int, tok: TunaTokens, *, clean: bool, flow: bool) -> dict[str, np.ndarray]:
-  """patches [h w o] -> one span of 1 + h*w slots with local span id k."""
+def _span(patches: np.ndarray, k: int, tok: TunaTokens, *, clean: bool, flow: bool,
+          meta_slots: int = 1) -> dict[str, np.ndarray]:
+  """patches [h w o] -> one span of meta_slots + h*w slots with local span id k."""
   if patches.ndim != 3:
     raise ValueError(f"image patches must be [h w o], got {patches.shape}")
+  if meta_slots not in (1, 3):
+    raise ValueError(f"meta_slots must be 1 (time) or 3 (height, width, time), got {meta_slots}")
   h, w, _ = patches.shape
-  n = 1 + h * w
+  n = meta_slots + h * w
   y, x = np.divmod(np.arange(h * w, dtype=np.int32), w)
+  meta = np.zeros(meta_slots, np.int32)
   return {
       "input_ids": np.full(n, tok.image_pad, np.int32), "labels": np.full(n, IGNORE, np.int32),
-      "span_local": np.full(n, k, np.int32), "time_slot": np.arange(n) == 0,
-      "img_y": np.concatenate([[0], y]).astype(np.int32), "img_x": np.concatenate([[0], x]).astype(np.int32),
+      "span_local": np.full(n, k, np.int32), "time_slot": np.arange(n) < meta_slots,
+      "img_y": np.concatenate([meta, y]).astype(np.int32), "img_x": np.concatenate([meta, x]).astype(np.int32),
       "img_h": np.full(n, h, np.int32), "img_w": np.full(n, w, np.int32),
-      "span_clean": np.full(n, clean, bool), "flow": np.concatenate([[False], np.full(h * w, flow)]),
+      "span_clean": np.full(n, clean, bool), "flow": np.concatenate([meta.astype(bool), np.full(h * w, flow)]),
   }
 
 
@@ -87,41 +98,63 @@ def _join(parts: list[dict[str, np.ndarray]], images: list[np.ndarray], stream: 
   offsets, start = [], 0
   for p in full:
     if p["span_local"].any():
-      offsets.append(start + 1)  # first image token, after the time slot
+      offsets.append(start + int(p["time_slot"].sum()))  # first image token, after the meta slots
     start += len(p["input_ids"])
   sample["attachments"] = [(o, img.reshape(-1, img.shape[-1])) for o, img in zip(offsets, images)]
   sample["stream"] = stream
   return sample
 
 
-def t2i_sample(text_ids: Sequence[int], image: np.ndarray, tok: TunaTokens) -> dict[str, Any]:
-  parts = [_text([tok.bos, *text_ids, tok.boi], False), _span(image, 1, tok, clean=False, flow=True),
+def t2i_sample(text_ids: Sequence[int], image: np.ndarray, tok: TunaTokens, *, meta_slots: int = 1) -> dict[str, Any]:
+  parts = [_text([tok.bos, *text_ids, tok.boi], False), _span(image, 1, tok, clean=False, flow=True, meta_slots=meta_slots),
            _text([tok.eoi, tok.eos], False)]
   return _join(parts, [image], "t2i")
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatPrompt:
+  """A prompt in the reference pipeline's chat layout (pipelines/_common.prepare_gen_input_chat): the chat
+  template's token ids before and after the `<image>` placeholder of the assistant turn."""
+  before: tuple[int, ...]
+  after: tuple[int, ...]
+
+
+def t2i_chat_sample(prompt: ChatPrompt, image: np.ndarray, tok: TunaTokens, *, meta_slots: int = 1) -> dict[str, Any]:
+  """`before [boi] span [eoi] after`: the reference's chat t2i prompt (no bos of ours: the template opens it)."""
+  parts = [_text([*prompt.before, tok.boi], False), _span(image, 1, tok, clean=False, flow=True, meta_slots=meta_slots),
+           _text([tok.eoi, *prompt.after], False)]
+  return _join(parts, [image], "t2i")
+
+
 def understanding_sample(image: np.ndarray, prompt_ids: Sequence[int], answer_ids: Sequence[int],
-                         tok: TunaTokens, prompt_loss: np.ndarray | None = None) -> dict[str, Any]:
-  """`prompt_loss` marks the prompt tokens that also carry the loss: earlier answers of a conversation."""
+                         tok: TunaTokens, prompt_loss: np.ndarray | None = None, *, vision_labels: bool = False,
+                         meta_slots: int = 1) -> dict[str, Any]:
+  """`prompt_loss` marks the prompt tokens that also carry the loss: earlier answers of a conversation;
+  `vision_labels`: <boi> and <eoi> are targets too (the reference; the bos label it also writes is no target,
+  CE starts at position 1, so it is left out -- in a packed row it would be a target across samples)."""
   loss = np.zeros(1 + len(prompt_ids), bool)
+  loss[0] = vision_labels
   if prompt_loss is not None:
     loss[1:] = prompt_loss
-  parts = [_text([tok.bos, tok.boi], False), _span(image, 1, tok, clean=True, flow=False),
+  parts = [_text([tok.bos, tok.boi], np.array([False, vision_labels])),
+           _span(image, 1, tok, clean=True, flow=False, meta_slots=meta_slots),
            _text([tok.eoi, *prompt_ids], loss), _text([*answer_ids, tok.eos], True)]
   return _join(parts, [image], "mmu")
 
 
-def understanding_prompt(image: np.ndarray, prompt_ids: Sequence[int], tok: TunaTokens) -> dict[str, Any]:
+def understanding_prompt(image: np.ndarray, prompt_ids: Sequence[int], tok: TunaTokens, *,
+                         meta_slots: int = 1) -> dict[str, Any]:
   """The understanding layout up to the prompt: what generation continues from."""
-  parts = [_text([tok.bos, tok.boi], False), _span(image, 1, tok, clean=True, flow=False),
+  parts = [_text([tok.bos, tok.boi], False), _span(image, 1, tok, clean=True, flow=False, meta_slots=meta_slots),
            _text([tok.eoi, *prompt_ids], False)]
   return _join(parts, [image], "mmu")
 
 
 def edit_sample(source: np.ndarray, instruction_ids: Sequence[int], target: np.ndarray,
-                tok: TunaTokens) -> dict[str, Any]:
-  parts = [_text([tok.bos, tok.boi], False), _span(source, 1, tok, clean=True, flow=False),
-           _text([tok.eoi, *instruction_ids, tok.boi], False), _span(target, 2, tok, clean=False, flow=True),
+                tok: TunaTokens, *, meta_slots: int = 1) -> dict[str, Any]:
+  parts = [_text([tok.bos, tok.boi], False), _span(source, 1, tok, clean=True, flow=False, meta_slots=meta_slots),
+           _text([tok.eoi, *instruction_ids, tok.boi], False),
+           _span(target, 2, tok, clean=False, flow=True, meta_slots=meta_slots),
            _text([tok.eoi, tok.eos], False)]
   return _join(parts, [source, target], "edit")
 

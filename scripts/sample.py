@@ -3,12 +3,13 @@ PNG per prompt (and a grid).
 
   python scripts/sample.py --ckpt DIR --prompt "a red circle on the left" [--prompt ...]
       [--size 512x512] [--steps 50] [--guidance 7.5] [--shift 3] [--negative ""] [--seed 0] [--out samples/]
-      [--init-image in.png --strength 0.6]
+      [--init-image in.png --strength 0.6] [--chat-template]
 Sampling flags left out take the family's defaults (TUNA: 50 steps, guidance 7.5, shift 3).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -29,6 +30,9 @@ cli.define_init_flags("image to start every prompt from (image-to-image, with --
 flags.DEFINE_bool("all_scales", False, "Ming-Lite-Uni: also write the images of the coarser query scales "
                   "(NNN_4x4.png, ...), which the original computes and discards")
 flags.DEFINE_alias("all-scales", "all_scales")
+flags.DEFINE_bool("chat_template", False, "TUNA: prompts in the reference pipeline's chat template (its system "
+                  "prompt; without --negative the null branch is its fixed negative prompt)")
+flags.DEFINE_alias("chat-template", "chat_template")
 
 
 def main(argv):
@@ -40,6 +44,11 @@ def main(argv):
       raise ValueError(f"{FLAGS.ckpt}: --all_scales is for Ming-Lite-Uni checkpoints (multi-scale queries)")
     cfg = model.sampler_config(**cli.sampler_overrides(FLAGS), **extra)
     kw = cli.read_init_image(model, "generate", FLAGS.init_image)
+    chat = {}
+    if FLAGS.chat_template:
+      if "chat_template" not in inspect.signature(model.generate).parameters:
+        raise ValueError(f"{FLAGS.ckpt}: --chat_template is for TUNA checkpoints")
+      chat = {"chat_template": True, "negative": FLAGS.negative if FLAGS["negative"].present else None}
   except (ValueError, OSError, ConversionError) as e:
     print(f"sample: error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -59,7 +68,8 @@ def main(argv):
         Image.fromarray(img).save(path)
         print(f"{path}\t{prompt}")
     return
-  images = model.generate(FLAGS.prompt, size, cfg, negative=FLAGS.negative, seed=FLAGS.seed, progress=True, **kw)
+  images = model.generate(FLAGS.prompt, size, cfg, **{"negative": FLAGS.negative, **chat}, seed=FLAGS.seed,
+                          progress=True, **kw)
   os.makedirs(FLAGS.out, exist_ok=True)
   for i, (prompt, img) in enumerate(zip(FLAGS.prompt, images)):
     path = os.path.join(FLAGS.out, f"{i:03d}.png")

@@ -27,7 +27,11 @@ def _noised(cfg, rows, key=0, seq_len=64):
   return obj.noise_batch(b, jax.random.key(key), obj.FlowConfig())
 
 
-@pytest.mark.parametrize("encoder,kw", [("patch", {}), ("patch", {"patch_positions": 3}), ("siglip", {})])
+@pytest.mark.parametrize("encoder,kw", [
+    ("patch", {}), ("patch", {"patch_positions": 3}), ("siglip", {}),
+    # every option of the reference on: height / width slots in each span, a narrower shared-adaLN head
+    pytest.param("siglip", {"aspect_ratio_embeds": True, "head_kw": {"embed": 24, "mlp": 48, "share_adaln": True}},
+                 marks=pytest.mark.slow)])
 def test_packed_row_equals_each_sample_alone(encoder, kw):
   cfg = tuna_tiny.config(encoder, **kw)
   model = tuna.Tuna(cfg)

@@ -36,6 +36,10 @@ def test_tuna_scripts_end_to_end_on_the_tiny_config(tmp_path):
       "--strength", "0", "--steps", "3", "--out", str(tmp_path / "i2i"))
   np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "i2i" / "000.png")),
                                 np.asarray(Image.open(out / "001.png")))
+  # the reference pipeline's chat-template prompts (system prompt, its negative prompt as the null branch)
+  run("scripts/sample.py", "--ckpt", ckpt, "--prompt", "red circle", "--chat-template", "--size", "8x8", "--steps", "2",
+      "--out", str(tmp_path / "chat"))
+  assert sorted(os.listdir(tmp_path / "chat")) == ["000.png", "grid.png"]
   run("scripts/edit.py", "--ckpt", ckpt, "--image", str(out / "000.png"), "--instruction", "make it blue",
       "--steps", "3", "--out", str(tmp_path / "edited.png"))
   assert Image.open(tmp_path / "edited.png").size == (12, 8)

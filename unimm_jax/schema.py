@@ -3,7 +3,10 @@
 
 A row holds several samples (segments) of text and images. Every image is a span
   [time slot] [image token] * (h * w)            (row-major y, x over its token grid)
-of bidirectional attention inside an otherwise causal mask. Keys, all [b t] unless noted:
+of bidirectional attention inside an otherwise causal mask; a TUNA with aspect-ratio embeddings
+(TunaConfig.aspect_ratio_embeds) opens every span with [height slot] [width slot] before the time slot.
+`time_slot` marks all of these leading (meta) slots, so `image_tokens` stays the span minus them; which meta
+slot a token is follows from its index in the span (`span_slots`). Keys, all [b t] unless noted:
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ KEYS = {
     "segment_ids": "int32 [b t] sample of the row 1..m, 0 = padding",
     "positions": "int32 [b t] LLM position, restarting at 0 per sample",
     "span_ids": "int32 [b t] image span 1..n of the row (time slot + image tokens), 0 elsewhere",
-    "time_slot": "bool [b t] first slot of a span (the time token)",
+    "time_slot": "bool [b t] the meta slots opening a span: the time token (after height and width tokens with "
+                 "aspect-ratio embeddings)",
     "thw": "int32 [b t 3] (frame, row, column) of an image token in its image's token grid, 0 elsewhere",
     "flow_mask": "bool [b t] image tokens in the flow loss",
     "spatial_shapes": "int32 [b n 2] token-grid (rows, columns) of span i + 1; (0, 0) = no span",
@@ -38,6 +42,15 @@ MODEL_INPUTS = ("input_ids", "segment_ids", "positions", "span_ids", "time_slot"
 def image_tokens(span_ids: jax.Array, time_slot: jax.Array) -> jax.Array:
   """bool [b t]: the image tokens of the row (inside a span, not its time slot)."""
   return (span_ids > 0) & ~time_slot
+
+
+def span_slots(span_ids: jax.Array) -> jax.Array:
+  """int32 [b t]: the index of each token in its span (0 at a span's first slot; 0 outside spans too).
+  Spans are contiguous and adjacent spans have different ids (ids count the row's spans)."""
+  idx = jnp.broadcast_to(jnp.arange(span_ids.shape[1], dtype=jnp.int32), span_ids.shape)
+  prev = jnp.pad(span_ids[:, :-1], ((0, 0), (1, 0)))
+  start = jnp.where(span_ids != prev, idx, 0)
+  return jnp.where(span_ids > 0, idx - jax.lax.cummax(start, axis=1), 0)
 
 
 def gather_spans(table: jax.Array, span_ids: jax.Array, outside: float) -> jax.Array:

@@ -44,11 +44,15 @@ def convert_reference(weights: str, cfg: tuna.TunaConfig, vae_cfg: vae_wan.WanVA
 
 
 def with_checkpoint_vocab(cfg: tuna.TunaConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> tuna.TunaConfig:
-  """`cfg` with the vocabulary of a reference checkpoint ({name: shape}): TUNA resizes Qwen's for its tokens."""
+  """`cfg` with the vocabulary of a reference checkpoint ({name: shape}) -- TUNA resizes Qwen's for its tokens --
+  and the options its keys show: `aspect_ratio_embed.*` (add_aspect_ratio_embeds), `shared_adaln.*` (share_adaln).
+  A head width other than the variant's is not guessed: its keys then fail with their shapes."""
   emb = "tuna.model.embed_tokens.weight"
   if emb not in shapes:
     raise ConversionError(f"{where}: no {emb!r}; is this a tuna-2 checkpoint? (first keys: {list(shapes)[:5]})")
-  return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab=shapes[emb][0]))
+  head = dataclasses.replace(cfg.head, share_adaln="shared_adaln.1.weight" in shapes)
+  return dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab=shapes[emb][0]), head=head,
+                             aspect_ratio_embeds="aspect_ratio_embed.mlp.0.weight" in shapes)
 
 
 def reference_parts(cfg: tuna.TunaConfig, vae_cfg: vae_wan.WanVAEConfig | None = None) -> dict[str, engine.Part]:

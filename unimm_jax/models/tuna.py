@@ -32,7 +32,7 @@ from einops import rearrange
 
 from unimm_jax import schema
 from unimm_jax.layers import DenseGeneral, RMSNorm
-from unimm_jax.layers.modulation import TimestepEmbedder
+from unimm_jax.layers.modulation import AdaLNModulation, TimestepEmbedder
 from unimm_jax.layers.stack import build_layers, run_layers
 from unimm_jax.models import qwen, siglip
 from unimm_jax.models.codec import LatentNorm
@@ -65,6 +65,15 @@ class TunaConfig(DictConfig):
   # Latent space: the reference normalises Wan 2.2 latents as (z - std) / std -- it was trained with mean = std
   # (REFERENCE.md) -- so converted checkpoints only work with that quirk; "codec": the codec's own statistics.
   latent_stats: str = "mean_is_std"                  # mean_is_std | codec
+  proj_norm_eps: float = 1e-6                        # siglip_proj's RMSNorm (the reference's RMSNorm default)
+  # The reference's `add_aspect_ratio_embeds`: every span opens with a height and a width slot before its time slot,
+  # holding `aspect_ratio_embed` (a TimestepEmbedder of the head's width) of the token grid's rows and columns.
+  # Tuna.__init__ defaults it to True, but every released config (configs/model/tuna_*.yaml) sets it False: so do we.
+  aspect_ratio_embeds: bool = False
+  # A flow head narrower or wider than the LLM (head.embed != llm.embed, the reference's
+  # separate_diffusion_head_config) gets the reference's projections: diff_proj (Linear -> GELU -> Linear) from
+  # the LLM's last hidden state into the head, and time_embed_proj / ar_embed_proj from the head's embeddings
+  # to the LLM's input slots.
 
   def __post_init__(self):
     if self.encoder not in ENCODERS:
@@ -100,6 +109,11 @@ class TunaConfig(DictConfig):
   @property
   def token_features(self) -> int:
     return self.patch * self.patch * self.channels
+
+  @property
+  def meta_slots(self) -> int:
+    """Slots opening each span before its image tokens: [height] [width] [time] or [time]."""
+    return 3 if self.aspect_ratio_embeds else 1
 
   # Released sizes: tuna-2 configs/model/tuna_{2b,7b}.yaml (LLMs from their HF config.json; SigLIP so400m on
   # 48-channel Wan 2.2 latents, 32x32 position table, 26 of 27 layers; head_dim 64); TUNA-2 is the pixel variant.
@@ -198,16 +212,33 @@ class SiglipProjector(nn.Module):
 
   in_features: int
   features: int
+  eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = RMSNorm(self.in_features, 1e-6, name="layers_0", **kw)(x)
+    h = RMSNorm(self.in_features, self.eps, name="layers_0", **kw)(x)
     h = DenseGeneral((self.in_features,), (self.features,), ("mlp", "embed"), True, name="layers_1", **kw)(h)
     h = jax.nn.gelu(h, approximate=False)
     return DenseGeneral((self.features,), (self.features,), ("mlp", "embed"), True, name="layers_3", **kw)(h)
+
+
+class HeadProjector(nn.Module):
+  """The reference's diff_proj: Linear -> GELU -> Linear, the LLM's last hidden state [b t d] -> the head's [b t e]."""
+
+  in_features: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = DenseGeneral((self.in_features,), (self.features,), ("embed", "mlp"), True, name="layers_0", **kw)(x)
+    h = jax.nn.gelu(h, approximate=False)
+    return DenseGeneral((self.features,), (self.features,), ("mlp", "embed"), True, name="layers_2", **kw)(h)
 
 
 class Tuna(nn.Module):
@@ -219,10 +250,20 @@ class Tuna(nn.Module):
     self.llm = qwen.Qwen(cfg.llm)
     if cfg.encoder == "siglip":
       self.vision_model = siglip.VisionTransformer(cfg.siglip)
-      self.siglip_proj = SiglipProjector(cfg.siglip.embed, cfg.llm.embed, **kw)
+      self.siglip_proj = SiglipProjector(cfg.siglip.embed, cfg.llm.embed, cfg.proj_norm_eps, **kw)
     else:
       self.vision_encoder = PatchEncoder(cfg.llm.embed, cfg.patch, cfg.channels, cfg.patch_positions, **kw)
     self.time_embed = TimestepEmbedder(cfg.head.embed, cfg.time_frequency_dim, **kw)
+    if cfg.aspect_ratio_embeds:
+      self.aspect_ratio_embed = TimestepEmbedder(cfg.head.embed, cfg.time_frequency_dim, **kw)
+    if cfg.head.share_adaln:
+      self.shared_adaln = AdaLNModulation(cfg.head.embed, 6, **kw)
+    if cfg.head.embed != cfg.llm.embed:
+      self.diff_proj = HeadProjector(cfg.llm.embed, cfg.head.embed, **kw)
+      to_llm = lambda name: DenseGeneral((cfg.head.embed,), (cfg.llm.embed,), ("mlp", "embed"), True, name=name, **kw)
+      self.time_embed_proj = to_llm("time_embed_proj")
+      if cfg.aspect_ratio_embeds:
+        self.ar_embed_proj = to_llm("ar_embed_proj")
     # a Python loop: the blocks take a RoPE closure, which nn.scan cannot broadcast
     self.diffusion_head_a = build_layers(ModulatedBlock, cfg.head.depth, cfg.head, scan=False, shared=4,
                                          name="diffusion_head_a")
@@ -243,14 +284,27 @@ class Tuna(nn.Module):
 
   def embed_inputs(self, batch: Mapping[str, jax.Array], t_embed: jax.Array | None = None) -> jax.Array:
     """The LLM's input row [b t d]: token embeddings, encoded images at image tokens, time embeddings
-    at time slots (also the prefill of understanding generation)."""
+    at time slots, and with aspect-ratio embeddings those of the grid's rows and columns at the height and
+    width slots (the reference's _prepare_input; also the prefill of understanding generation)."""
+    cfg = self.cfg
     span_ids, time_slot = batch["span_ids"], batch["time_slot"]
     if t_embed is None:
       t_embed = self.time_embed(batch["span_t"])
+    if cfg.head.embed != cfg.llm.embed:
+      t_embed = self.time_embed_proj(t_embed)
     image = schema.image_tokens(span_ids, time_slot)[..., None]
     x = self.llm.embed(batch["input_ids"])
     x = jnp.where(image, self.encode_images(batch).astype(x.dtype), x)
-    return jnp.where(time_slot[..., None], schema.gather_spans(t_embed, span_ids, 0.0).astype(x.dtype), x)
+    if not cfg.aspect_ratio_embeds:
+      return jnp.where(time_slot[..., None], schema.gather_spans(t_embed, span_ids, 0.0).astype(x.dtype), x)
+    # the reference embeds the token grid's size (h // p, w // p) as it embeds a time: integers, unscaled
+    hw = self.aspect_ratio_embed(batch["spatial_shapes"].astype(jnp.float32))         # [b n 2 e]
+    if cfg.head.embed != cfg.llm.embed:
+      hw = self.ar_embed_proj(hw)
+    slot = schema.span_slots(span_ids)
+    for k, table in enumerate((hw[..., 0, :], hw[..., 1, :], t_embed)):  # <height> <width> <time>
+      x = jnp.where((time_slot & (slot == k))[..., None], schema.gather_spans(table, span_ids, 0.0).astype(x.dtype), x)
+    return x
 
   def __call__(self, batch: Mapping[str, jax.Array], *, return_logits: bool = True,
                return_hidden_states: bool = False) -> TunaOutput:
@@ -262,7 +316,13 @@ class Tuna(nn.Module):
     out = self.llm(inputs_embeds=x, positions=batch["positions"], segment_ids=batch["segment_ids"],
                    span_ids=span_ids, return_logits=return_logits, return_hidden_states=return_hidden_states)
     h = out.last_hidden_state
-    rope_fn = tuna_rope_fn(self.cfg.head, batch["positions"], span_ids, time_slot, batch["thw"])
-    h, _, _ = run_layers(self.diffusion_head_a, h, None, t_embed, span_ids, rope_fn, batch["segment_ids"])
+    cfg = self.cfg
+    if cfg.head.embed != cfg.llm.embed:
+      h = self.diff_proj(h)
+    rope_fn = tuna_rope_fn(cfg.head, batch["positions"], span_ids, time_slot, batch["thw"], cfg.meta_slots,
+                           batch["spatial_shapes"])
+    # share_adaln: the blocks add their tables to one projection of the time embedding
+    cond = jnp.concatenate(self.shared_adaln(t_embed), axis=-1) if cfg.head.share_adaln else t_embed
+    h, _, _ = run_layers(self.diffusion_head_a, h, None, cond, span_ids, rope_fn, batch["segment_ids"])
     prediction = self.diffusion_head_b(h, t_embed, span_ids)
     return TunaOutput(logits=out.logits, prediction=prediction.astype(jnp.float32), hidden_states=out.hidden_states)

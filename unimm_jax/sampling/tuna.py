@@ -7,6 +7,8 @@ for TUNA) -- flow.shifted_grid seen from the clean end -- hence N - 1 model eval
 branches share one batch: v = v_null + g (v_cond - v_null). An x0-predicting model (TUNA-2) is turned into
 the velocity dx/dt = (x1_hat - x_t) / (1 - t) = -flow.velocity_from_clean.
 Shapes: n images, N = h * w image tokens, o values per token, b rows of the batched branches.
+Not matched yet: the reference samples its pixel variants (TUNA-2, TUNA-R) with jit_utils.JiTSampler instead --
+noise * noise_scale (2 in its configs), grid linspace(0, 1, N + 1) without shift, 1 - t clamped at 0.05 (docs/tuna.md).
 """
 
 from __future__ import annotations
@@ -27,6 +29,35 @@ from unimm_jax.models import qwen
 from unimm_jax.models.tuna import Tuna
 from unimm_jax.sampling import flow
 from unimm_jax.sampling.text import Generation, SamplerConfig, generate_from_embeddings
+
+
+# The reference pipeline's chat-template prompt path (pipelines/_common.prepare_gen_input_chat): Qwen2.5's system
+# prompt, the user turn holding the prompt, the assistant turn holding the image; its null branch is the same
+# conversation around this fixed negative prompt.
+CHAT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+CHAT_NEGATIVE_PROMPT = (
+    "ugly, distorted, deformed, disfigured, low quality, worst quality, blurry, noisy, pixelated, overexposed, "
+    "underexposed, bad anatomy, bad proportions, extra limbs, missing limbs, fused fingers, extra fingers, poorly "
+    "drawn hands, poorly drawn face, asymmetrical eyes, messed up face, disfigured mouth, unnatural lighting, "
+    "strange reflections, artifact, jpeg artifacts, watermark, text, subtitle, logo, frame border, over-saturated, "
+    "color bleeding, unrealistic colors, low-res, low resolution, bad composition, messy background, cluttered, "
+    "cropped head, cut-off body, unnatural pose, broken limbs, wrong perspective, out of frame, duplicated parts")
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def chat_prompt(tokenizer: Any, text: str, system: str = CHAT_SYSTEM_PROMPT) -> ts.ChatPrompt:
+  """`text` in the reference's chat layout: the rendered template split at the assistant's `<image>` (tokenised
+  apart: `<image>` is a special token of TUNA's tokenizer, so the reference's ids around it are the same).
+  Deviation: the reference first truncates the prompt to its max_text_len; we do not."""
+  conversation = [{"role": "system", "content": system}, {"role": "user", "content": text},
+                  {"role": "assistant", "content": IMAGE_PLACEHOLDER}]
+  rendered = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=False)
+  if rendered.count(IMAGE_PLACEHOLDER) != 1:
+    raise ValueError(f"chat_prompt: the chat template renders {rendered.count(IMAGE_PLACEHOLDER)} "
+                     f"{IMAGE_PLACEHOLDER!r} placeholders (prompt {text!r}), expected 1")
+  before, after = rendered.split(IMAGE_PLACEHOLDER)
+  ids = lambda part: tuple(tokenizer(part, add_special_tokens=False)["input_ids"])
+  return ts.ChatPrompt(ids(before), ids(after))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +96,8 @@ def _rows(samples: Sequence[dict], multiple: int = 16) -> tuple[list[dict], int]
 
 
 def _image_slots(sample: dict, span: int) -> np.ndarray:
-  """Token indices of the image tokens of local span `span` (time slot excluded)."""
+  """Token indices of the image tokens of local span `span` (its meta slots excluded: the reference's
+  v_pred[:, 1:], or [:, 3:] with aspect-ratio embeddings)."""
   return np.flatnonzero((sample["span_local"] == span) & ~sample["time_slot"])
 
 
@@ -141,16 +173,23 @@ class TunaSampler:
     t0 = float(grid[0])
     return t0 * jnp.asarray(init, jnp.float32).reshape(n, h * w, o) + (1.0 - t0) * noise, grid
 
-  def text_to_image(self, prompts: Sequence[Sequence[int]], grid: tuple[int, int], cfg: FlowSamplerConfig,
-                    *, negative: Sequence[int] = (), seed: int | Sequence[int] = 0, noise: np.ndarray | None = None,
-                    init: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
-    """Token-id prompts -> clean image tokens [n h w o] of a `grid` = (h, w) token grid (_start: seed, noise,
-    init)."""
+  def text_to_image(self, prompts: Sequence[Sequence[int] | ts.ChatPrompt], grid: tuple[int, int],
+                    cfg: FlowSamplerConfig, *, negative: Sequence[int] | ts.ChatPrompt = (),
+                    seed: int | Sequence[int] = 0, noise: np.ndarray | None = None, init: np.ndarray | None = None,
+                    progress: bool = False) -> np.ndarray:
+    """Token-id prompts (or ChatPrompts: the reference's chat layout) -> clean image tokens [n h w o] of a
+    `grid` = (h, w) token grid (_start: seed, noise, init)."""
     h, w = grid
-    o = self.module.cfg.token_features
+    o, m = self.module.cfg.token_features, self.module.cfg.meta_slots
     blank = np.zeros((h, w, o), np.float32)
-    cond = [ts.t2i_sample(p, blank, self.tokens) for p in prompts]
-    null = [ts.t2i_sample(negative, blank, self.tokens) for _ in prompts]
+
+    def layout(p):
+      if isinstance(p, ts.ChatPrompt):
+        return ts.t2i_chat_sample(p, blank, self.tokens, meta_slots=m)
+      return ts.t2i_sample(p, blank, self.tokens, meta_slots=m)
+
+    cond = [layout(p) for p in prompts]
+    null = [layout(negative) for _ in prompts]
     weights = flow.text_guidance(cfg.guidance)
     samples = cond if len(weights) == 1 else cond + null
     batch = self._batch(samples)
@@ -169,10 +208,11 @@ class TunaSampler:
     if len(shapes) != 1:
       raise ValueError(f"edit: sources of one call must share a grid, got {sorted(shapes)}")
     blank = np.zeros_like(sources[0], np.float32)
-    full = [ts.edit_sample(s, p, blank, self.tokens) for s, p in zip(sources, instructions)]
-    no_text = [ts.edit_sample(s, negative, blank, self.tokens) for s in sources]
+    m = self.module.cfg.meta_slots
+    full = [ts.edit_sample(s, p, blank, self.tokens, meta_slots=m) for s, p in zip(sources, instructions)]
+    no_text = [ts.edit_sample(s, negative, blank, self.tokens, meta_slots=m) for s in sources]
     if cfg.image_guidance > 0:  # v = v_none + g_i (v_img - v_none) + g_t (v_full - v_img)
-      none = [ts.t2i_sample(negative, blank, self.tokens) for _ in sources]
+      none = [ts.t2i_sample(negative, blank, self.tokens, meta_slots=m) for _ in sources]
       samples = full + no_text + none
       weights = flow.image_text_guidance(cfg.guidance, cfg.image_guidance)
       spans = [2] * (2 * len(sources)) + [1] * len(sources)
@@ -194,7 +234,8 @@ class TunaSampler:
                  sampler: SamplerConfig = SamplerConfig(), stop_tokens: Sequence[int] = (), seed: int = 0,
                  on_step: Callable[[Any], None] | None = None) -> Generation:
     """Clean image tokens [h w o] + prompt ids -> answers, decoded with the LLM's KV cache."""
-    samples = [ts.understanding_prompt(img, p, self.tokens) for img, p in zip(images, prompts)]
+    m = self.module.cfg.meta_slots
+    samples = [ts.understanding_prompt(img, p, self.tokens, meta_slots=m) for img, p in zip(images, prompts)]
     rows, length = _rows(samples, multiple=8)
     for r, s in zip(rows, samples):  # left-pad: move each prompt to the end of its row
       shift = length - len(s["input_ids"])
@@ -291,18 +332,25 @@ class LoadedTuna:
     toks = np.stack([self.to_tokens(i) for i in images])
     return np.broadcast_to(toks, (n, *toks.shape[1:]))
 
-  def generate(self, prompts: Sequence[str], size: tuple[int, int], cfg: FlowSamplerConfig, *, negative: str = "",
-               seed: int | Sequence[int] = 0, init_images: Sequence[np.ndarray] | None = None,
-               progress: bool = False) -> list[np.ndarray]:
+  def generate(self, prompts: Sequence[str], size: tuple[int, int], cfg: FlowSamplerConfig, *,
+               negative: str | None = None, seed: int | Sequence[int] = 0,
+               init_images: Sequence[np.ndarray] | None = None, progress: bool = False,
+               chat_template: bool = False) -> list[np.ndarray]:
     """Prompts -> uint8 images of `size` = (H, W) pixels, a multiple of `downsample`; at cfg.strength < 1 they
-    start from `init_images` (uint8, of `size`)."""
+    start from `init_images` (uint8, of `size`). chat_template: the reference pipeline's chat path (its system
+    prompt; the negative defaults to its CHAT_NEGATIVE_PROMPT); else raw prompts (the negative defaults to the
+    empty prompt, as the reference's prepare_gen_input)."""
     d = self.downsample
     if size[0] % d or size[1] % d:
       raise ValueError(f"generate: size {size} is not a multiple of {d} pixels (one image token)")
     if init_images is not None and any(i.shape[:2] != tuple(size) for i in init_images):
       raise ValueError(f"generate: init images of {[i.shape[:2] for i in init_images]} pixels for size {size}")
-    toks = self.sampler.text_to_image([self.encode_text(p) for p in prompts], (size[0] // d, size[1] // d), cfg,
-                                      negative=self.encode_text(negative), seed=seed,
+    if chat_template:
+      texts = [chat_prompt(self.tokenizer, p) for p in prompts]
+      null = chat_prompt(self.tokenizer, CHAT_NEGATIVE_PROMPT if negative is None else negative)
+    else:
+      texts, null = [self.encode_text(p) for p in prompts], self.encode_text(negative or "")
+    toks = self.sampler.text_to_image(texts, (size[0] // d, size[1] // d), cfg, negative=null, seed=seed,
                                       init=self._init_tokens(init_images, len(prompts), "generate"),
                                       progress=progress)
     return [self.to_image(t) for t in toks]

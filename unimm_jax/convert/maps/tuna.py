@@ -25,6 +25,17 @@ _HEAD = (
     (r"diffusion_head_b\.adaLN_modulation\.1\.bias", "diffusion_head_b/adaLN_modulation/linear/bias", T.identity),
     (r"time_embed\.mlp\.([02])\.weight", r"time_embed/mlp_\1/kernel", T.transpose),
     (r"time_embed\.mlp\.([02])\.bias", r"time_embed/mlp_\1/bias", T.identity),
+    # options (TunaConfig.aspect_ratio_embeds, TunaHeadConfig.share_adaln, head.embed != llm.embed); a checkpoint
+    # with keys of an option its config lacks fails naming them ("the model has no such parameter")
+    (r"aspect_ratio_embed\.mlp\.([02])\.weight", r"aspect_ratio_embed/mlp_\1/kernel", T.transpose),
+    (r"aspect_ratio_embed\.mlp\.([02])\.bias", r"aspect_ratio_embed/mlp_\1/bias", T.identity),
+    (r"shared_adaln\.1\.weight", "shared_adaln/linear/kernel", T.transpose),
+    (r"shared_adaln\.1\.bias", "shared_adaln/linear/bias", T.identity),
+    (_A + r"scale_shift_table", r"diffusion_head_a_\1/scale_shift_table", T.identity),
+    (r"diff_proj\.([02])\.weight", r"diff_proj/layers_\1/kernel", T.transpose),
+    (r"diff_proj\.([02])\.bias", r"diff_proj/layers_\1/bias", T.identity),
+    (r"(time_embed_proj|ar_embed_proj)\.weight", r"\1/kernel", T.transpose),
+    (r"(time_embed_proj|ar_embed_proj)\.bias", r"\1/bias", T.identity),
 )
 RULES_SIGLIP = (
     *prefixed(qwen.RULES, r"tuna\.", "llm/"),
@@ -44,9 +55,11 @@ RULES_PATCH = (
     (r"vision_encoder\.(row|column)_embedding\.weight", r"vision_encoder/\1_embedding", T.identity),
     *_HEAD,
 )
-# Non-persistent buffers some exports keep; `vae.*` is converted separately.
+# Non-persistent buffers some exports keep; `vae.*` is converted separately; TUNA-2's `mask_token` (DeTok masked
+# image modelling, enable_mask_token in configs/model/tuna_2_pixel_7b.yaml) is used only while training, by a
+# masking our trainer does not do (docs/tuna.md).
 IGNORE = (r"tuna\.model\.rotary_emb\.inv_freq", r"diffusion_head_a\.\d+\.self_attn\.rotary_emb\.inv_freq",
-          r"image_position_ids", r"vae\..*")
+          r"image_position_ids", r"vae\..*", r"mask_token")
 
 
 def rules(cfg) -> tuple:
