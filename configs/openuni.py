@@ -8,9 +8,12 @@ dropout 10%. The tiny variant trains on the shapes world's t2i stream.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from configs import common
+from unimm_jax.data import openuni_data
 from unimm_jax.models import openuni
 
 STAGES = {"pretrain": dict(lr=1e-4, steps=100_000), "finetune": dict(lr=1e-5, steps=10_000)}
@@ -25,7 +28,10 @@ VARIANTS = {
 
 def model_config(arg: str) -> openuni.OpenUniConfig:
   common.pick(VARIANTS, arg, "configs/openuni.py")
-  return openuni.variant(arg)
+  cfg = openuni.variant(arg)
+  if arg == "tiny":   # the shapes tokenizer's <IMG_CONTEXT> (the releases keep InternVL3's 151667)
+    cfg = dataclasses.replace(cfg, lmm=dataclasses.replace(cfg.lmm, image_token_id=openuni_data.image_token_id()))
+  return cfg
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

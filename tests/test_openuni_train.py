@@ -1,7 +1,10 @@
 """OpenUni training (task "openuni", configs/openuni.py): the task's loss is the original's text2image_loss on the
-fixture's case d batch, and each stage keeps its frozen parts out of the optimizer state."""
+fixture's case d batch, each stage keeps its frozen parts out of the optimizer state, and a stopped run resumes exactly."""
 
 from __future__ import annotations
+
+import os
+import signal
 
 import flax.linen as nn
 import jax
@@ -13,7 +16,7 @@ from test_openuni import FIX, config_of_fixture, fixture, nhwc
 from configs import openuni as openuni_configs
 from unimm_jax import sharding
 from unimm_jax.convert import openuni as convert_openuni
-from unimm_jax.training import openuni_task, optim, trainer
+from unimm_jax.training import checkpointing, metrics, openuni_task, optim, trainer
 
 
 def setup(stage: str, model=None) -> trainer.Setup:
@@ -48,7 +51,6 @@ def test_stages_keep_their_frozen_parts_out_of_the_optimizer_state(stage, traine
 def test_task_loss_fn_is_the_fixture_text2image_loss(monkeypatch):
   """The task's own loss_fn on case d's batch, with diff_loss's randoms as the original drew them."""
   import json
-  import os
   with open(os.path.join(FIX, "config.json")) as f:
     meta = json.load(f)
   cfg = config_of_fixture(meta)
@@ -73,3 +75,42 @@ def test_task_loss_fn_is_the_fixture_text2image_loss(monkeypatch):
   assert shapes == [randoms[0].shape]
   np.testing.assert_allclose(loss, d["t2i_loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics["flow_loss"], loss, rtol=0)
+
+
+def tiny_run(stage: str, **overrides):
+  config = openuni_configs.get_config("tiny")
+  config.stage = stage
+  config.update_from_flattened_dict({"log_every": 1, **overrides})
+  return config
+
+
+def losses(workdir) -> dict[int, float]:
+  return metrics.read_scalars(os.path.join(str(workdir), "events"))["loss"]
+
+
+@pytest.mark.slow   # three runs of 4 steps, each compiling the tiny step
+def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+  """Stopped after step 3 (SIGTERM at the step boundary: checkpointed), resumed: the same losses and final params
+  as 4 steps without a stop (the step's rng redraws eps, u and the caption dropout alike)."""
+  config = tiny_run("pretrain", steps=4, **{"checkpoint.every": 2})
+  reference = trainer.train(config, str(tmp_path / "reference"))
+  position, calls = checkpointing.DataPosition, []
+
+  def stop_after_step_3(data):   # taken before step 1 and after each step
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    calls.append(1)
+    return position(data)
+
+  monkeypatch.setattr(checkpointing, "DataPosition", stop_after_step_3)
+  workdir = str(tmp_path / "stopped")
+  with pytest.raises(trainer.Interrupted) as e:
+    trainer.train(config, workdir)
+  assert (e.value.step, e.value.latest) == (3, 3)
+  assert sorted(losses(workdir)) == [1, 2, 3]
+  monkeypatch.undo()
+  resumed = trainer.train(config, workdir)
+  assert losses(workdir) == losses(tmp_path / "reference")
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed.params)), jax.tree.leaves(jax.device_get(reference.params)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
