@@ -1,10 +1,12 @@
 """OpenUni training (task "openuni", configs/openuni.py): the task's loss is the original's text2image_loss on the
-fixture's case d batch, each stage keeps its frozen parts out of the optimizer state, and a stopped run resumes exactly."""
+fixture's case d batch, each stage keeps its frozen parts out of the optimizer state, the tiny finetune's loss falls
+through the trainer and its export scores with scripts/eval_shapes.py, and a stopped run resumes exactly."""
 
 from __future__ import annotations
 
 import os
 import signal
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -16,6 +18,8 @@ from test_openuni import FIX, config_of_fixture, fixture, nhwc
 from configs import openuni as openuni_configs
 from unimm_jax import sharding
 from unimm_jax.convert import openuni as convert_openuni
+from unimm_jax.data import openuni_data
+from unimm_jax.models import openuni
 from unimm_jax.training import checkpointing, metrics, openuni_task, optim, trainer
 
 
@@ -86,6 +90,40 @@ def tiny_run(stage: str, **overrides):
 
 def losses(workdir) -> dict[int, float]:
   return metrics.read_scalars(os.path.join(str(workdir), "events"))["loss"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+  """60 steps of the tiny finetune stage through the trainer (lr 1e-3, cosine, the shapes t2i stream)."""
+  workdir = tmp_path_factory.mktemp("finetune")
+  config = tiny_run("finetune", steps=60, **{"checkpoint.every": 60})
+  state = trainer.train(config, str(workdir))
+  return config, jax.device_get(state.params), losses(workdir)
+
+
+@pytest.mark.slow   # ~3-5 min on 2 shared cores: one compile of the step, 60 steps of batch 8
+def test_tiny_finetune_loss_falls_through_the_trainer(finetuned):
+  loss = finetuned[2]
+  assert sorted(loss) == list(range(1, 61))
+  first, last = np.mean([loss[s] for s in range(1, 6)]), np.mean([loss[s] for s in range(51, 61)])
+  assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.slow   # the finetune run above, then the eval set's prompts, questions and edits at 4 per category
+def test_eval_shapes_scores_the_trained_tiny_through_the_family_pipeline(finetuned, tmp_path):
+  """The trained params exported as a converted OpenUni directory (with the shapes tokenizer) are what
+  scripts/eval_shapes.py --ckpt loads, through unimm_jax.load_pipeline's family table."""
+  from scripts import eval_shapes
+  config, params, _ = finetuned
+  cfg = openuni.OpenUniConfig.from_dict(config.model.to_dict())
+  export = str(tmp_path / "export")
+  with tempfile.TemporaryDirectory() as tok:
+    openuni_data.tokenizer().save_pretrained(tok)
+    convert_openuni.save(export, cfg, params, tokenizer=tok)
+  report = eval_shapes.main(["--ckpt", export, "--per-category", "2", "--steps", "5"])
+  assert set(report) >= {"generation", "understanding", "editing", "chance"}
+  assert 0 <= report["generation"]["overall"] <= 1
+  assert os.path.isfile(os.path.join(export, "shapes_eval", "shapes_eval.json"))
 
 
 @pytest.mark.slow   # three runs of 4 steps, each compiling the tiny step
