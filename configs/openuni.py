@@ -4,13 +4,24 @@ Model sizes are `unimm_jax.models.openuni` (b512, l512, l1024 as released; `tiny
 original (reference openuni.md f): pretrain lr 1e-4 for 100k steps, finetune lr 1e-5 for 10k; AdamW (0.9, 0.95),
 weight decay 0.05 on >= 2-D params (norms and biases excluded), clip 1.0, 1% linear warmup + cosine; caption
 dropout 10%. The tiny variant trains on the shapes world's t2i stream.
+
+The tiny pretrain stage's loss stays flat, and that is the setup, not a bug: it freezes a randomly initialised SANA
+(the release pretrains against SANA-0.6B / 1.6B weights) whose time-embedding modulation starts at zero, so its
+velocity is near zero and barely reads the caption. Measured at init on one batch of 32 (same eps and sigma):
+E[v^2] 0.008 vs E[target^2] 1.95; loss 1.9163 with the model's prompt_embeds, 1.9164 with zeros, 1.9163 with
+N(0, 1) or 10x the embeddings, and 1.9146 with the prompt_embeds themselves optimised (64 Adam steps). Nothing the
+queries, connector or projector output can do moves it; finetune (SANA trained) falls, and pretrain learns once
+SANA is a trained one (init_from a finetuned or converted release).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from configs import common
+from unimm_jax.data import openuni_data
 from unimm_jax.models import openuni
 
 STAGES = {"pretrain": dict(lr=1e-4, steps=100_000), "finetune": dict(lr=1e-5, steps=10_000)}
@@ -25,7 +36,10 @@ VARIANTS = {
 
 def model_config(arg: str) -> openuni.OpenUniConfig:
   common.pick(VARIANTS, arg, "configs/openuni.py")
-  return openuni.variant(arg)
+  cfg = openuni.variant(arg)
+  if arg == "tiny":   # the shapes tokenizer's <IMG_CONTEXT> (the releases keep InternVL3's 151667)
+    cfg = dataclasses.replace(cfg, lmm=dataclasses.replace(cfg.lmm, image_token_id=openuni_data.image_token_id()))
+  return cfg
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -49,11 +49,25 @@ class T2IPrompts:
     return {"input_ids": out_ids, "attention_mask": mask, "images": image}
 
 
+def tokenizer() -> Any:
+  """The shapes tokenizer with InternVL's image tokens `<img>`, `</img>`, `<IMG_CONTEXT>` added after its vocabulary:
+  the prompts end in `<img>` and an edit's source image fills `<IMG_CONTEXT>` slots (the pipeline checks that id
+  against the model's image_token_id)."""
+  tok = shapes_tokenizer()
+  tok.add_tokens([ou.START, ou.END, ou.CONTEXT], special_tokens=True)
+  return tok
+
+
+def image_token_id() -> int:
+  """`<IMG_CONTEXT>` of `tokenizer()`: the tiny config's image_token_id."""
+  return tokenizer().convert_tokens_to_ids(ou.CONTEXT)
+
+
 def shapes_from_config(config: Any, batch_per_process: int, process_index: int, process_count: int
                        ) -> grain.IterDataset:
   """DATASETS["shapes_openuni"]: the shapes world's t2i stream at data.image_size, shuffled, endless."""
   d = config.data
   src = shapes.ShapesSource("t2i", int(d.num_records), size=int(d.image_size), seed=int(d.seed))
-  items = T2IPrompts(src, shapes_tokenizer(), int(d.seq_len), float(d.caption_dropout), int(d.seed))
+  items = T2IPrompts(src, tokenizer(), int(d.seq_len), float(d.caption_dropout), int(d.seed))
   ds = grain.MapDataset.source(items).shuffle(seed=int(d.seed)).repeat(None)
   return ds.batch(batch_per_process, drop_remainder=True)[process_index::process_count].to_iter_dataset()

@@ -14,6 +14,13 @@ decode), after a warm-up call, median of --iters, wall and process CPU time, and
   python scripts/bench_openuni.py                        # 512^2, 20 steps, 2 LLM / 2 SANA / 2 connector layers
   python scripts/bench_openuni.py --steps 5 --iters 1    # quicker
   python scripts/bench_openuni.py --tiny                 # tiny widths, 64^2: the smoke test
+
+Measured (defaults: 512^2, 20 steps, guidance 4.5, 2 LLM / 2 connector / 2 SANA layers, 2 iterations; 2 CPU cores
+shared with four other jobs, so wall times mostly measure the neighbours, CPU time the work): seconds per image
+ours / torch, wall 140.1 / 231.5 (0.61), process CPU 36.4 / 56.2 (0.65); per stage (CPU) condition 0.75 / 1.62,
+sampling 12.0 / 27.5, decode 23.6 / 27.1 (the DC-AE f32c32 decoder at full depth is two thirds of our time and
+nearly equal on both sides); decoded images equal to 3.8e-6. Before the sampler's jitted step was cached
+(sampling/diffusion.py) every image traced and compiled its step again: --tiny sampling was 18x torch's.
 """
 
 from __future__ import annotations

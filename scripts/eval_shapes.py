@@ -5,7 +5,8 @@
       {id, qa_type, question, image} + DIR/questions/<id>.png, DIR/edits.jsonl {id, op, instruction, image}
       + DIR/edits/<id>.png.
   python scripts/eval_shapes.py --ckpt DIR [--steps 20 --guidance 3 --shift 3] [same flags] [--out REPORT_DIR]
-      runs a converted TUNA checkpoint (scripts/convert.py, or a demo's export/) on the whole set and scores it
+      runs a converted checkpoint of any family with a pipeline (TUNA, OpenUni, ...: unimm_jax.load_pipeline reads
+      its family; scripts/convert.py, or a demo's export/) on the whole set and scores it
       (default report folder: DIR/shapes_eval).
   python scripts/eval_shapes.py --results DIR [same flags] [--out REPORT_DIR]
       scores what the model wrote: DIR/generation/<id>.png, DIR/answers.jsonl {id, answer},
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
   mode = p.add_mutually_exclusive_group(required=True)
   mode.add_argument("--write-set", metavar="DIR", help="write the evaluation set for a model to answer")
   mode.add_argument("--results", metavar="DIR", help="score a folder of model outputs")
-  mode.add_argument("--ckpt", metavar="DIR", help="run and score a converted TUNA checkpoint")
+  mode.add_argument("--ckpt", metavar="DIR", help="run and score a converted checkpoint (its family's pipeline)")
   p.add_argument("--out", help="report folder (default: the results folder)")
   p.add_argument("--size", type=int, default=32)
   p.add_argument("--seed", type=int, default=1_000_003)

@@ -1,7 +1,12 @@
 """OpenUni training (task "openuni", configs/openuni.py): the task's loss is the original's text2image_loss on the
-fixture's case d batch, and each stage keeps its frozen parts out of the optimizer state."""
+fixture's case d batch, each stage keeps its frozen parts out of the optimizer state, the tiny finetune's loss falls
+through the trainer and its export scores with scripts/eval_shapes.py, and a stopped run resumes exactly."""
 
 from __future__ import annotations
+
+import os
+import signal
+import tempfile
 
 import flax.linen as nn
 import jax
@@ -13,7 +18,9 @@ from test_openuni import FIX, config_of_fixture, fixture, nhwc
 from configs import openuni as openuni_configs
 from unimm_jax import sharding
 from unimm_jax.convert import openuni as convert_openuni
-from unimm_jax.training import openuni_task, optim, trainer
+from unimm_jax.data import openuni_data
+from unimm_jax.models import openuni
+from unimm_jax.training import checkpointing, metrics, openuni_task, optim, trainer
 
 
 def setup(stage: str, model=None) -> trainer.Setup:
@@ -48,7 +55,6 @@ def test_stages_keep_their_frozen_parts_out_of_the_optimizer_state(stage, traine
 def test_task_loss_fn_is_the_fixture_text2image_loss(monkeypatch):
   """The task's own loss_fn on case d's batch, with diff_loss's randoms as the original drew them."""
   import json
-  import os
   with open(os.path.join(FIX, "config.json")) as f:
     meta = json.load(f)
   cfg = config_of_fixture(meta)
@@ -73,3 +79,76 @@ def test_task_loss_fn_is_the_fixture_text2image_loss(monkeypatch):
   assert shapes == [randoms[0].shape]
   np.testing.assert_allclose(loss, d["t2i_loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics["flow_loss"], loss, rtol=0)
+
+
+def tiny_run(stage: str, **overrides):
+  config = openuni_configs.get_config("tiny")
+  config.stage = stage
+  config.update_from_flattened_dict({"log_every": 1, **overrides})
+  return config
+
+
+def losses(workdir) -> dict[int, float]:
+  return metrics.read_scalars(os.path.join(str(workdir), "events"))["loss"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+  """60 steps of the tiny finetune stage through the trainer (lr 1e-3, cosine, the shapes t2i stream)."""
+  workdir = tmp_path_factory.mktemp("finetune")
+  config = tiny_run("finetune", steps=60, **{"checkpoint.every": 60})
+  state = trainer.train(config, str(workdir))
+  return config, jax.device_get(state.params), losses(workdir)
+
+
+@pytest.mark.slow   # ~3-5 min on 2 shared cores: one compile of the step, 60 steps of batch 8
+def test_tiny_finetune_loss_falls_through_the_trainer(finetuned):
+  loss = finetuned[2]
+  assert sorted(loss) == list(range(1, 61))
+  first, last = np.mean([loss[s] for s in range(1, 6)]), np.mean([loss[s] for s in range(51, 61)])
+  assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.slow   # the finetune run above, then the eval set's prompts, questions and edits at 4 per category
+def test_eval_shapes_scores_the_trained_tiny_through_the_family_pipeline(finetuned, tmp_path):
+  """The trained params exported as a converted OpenUni directory (with the shapes tokenizer) are what
+  scripts/eval_shapes.py --ckpt loads, through unimm_jax.load_pipeline's family table."""
+  from scripts import eval_shapes
+  config, params, _ = finetuned
+  cfg = openuni.OpenUniConfig.from_dict(config.model.to_dict())
+  export = str(tmp_path / "export")
+  with tempfile.TemporaryDirectory() as tok:
+    openuni_data.tokenizer().save_pretrained(tok)
+    convert_openuni.save(export, cfg, params, tokenizer=tok)
+  report = eval_shapes.main(["--ckpt", export, "--per-category", "2", "--steps", "5"])
+  assert set(report) >= {"generation", "understanding", "editing", "chance"}
+  assert 0 <= report["generation"]["overall"] <= 1
+  assert os.path.isfile(os.path.join(export, "shapes_eval", "shapes_eval.json"))
+
+
+@pytest.mark.slow   # three runs of 4 steps, each compiling the tiny step
+def test_resume_after_sigterm_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+  """Stopped after step 3 (SIGTERM at the step boundary: checkpointed), resumed: the same losses and final params
+  as 4 steps without a stop (the step's rng redraws eps, u and the caption dropout alike)."""
+  config = tiny_run("pretrain", steps=4, **{"checkpoint.every": 2})
+  reference = trainer.train(config, str(tmp_path / "reference"))
+  position, calls = checkpointing.DataPosition, []
+
+  def stop_after_step_3(data):   # taken before step 1 and after each step
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    calls.append(1)
+    return position(data)
+
+  monkeypatch.setattr(checkpointing, "DataPosition", stop_after_step_3)
+  workdir = str(tmp_path / "stopped")
+  with pytest.raises(trainer.Interrupted) as e:
+    trainer.train(config, workdir)
+  assert (e.value.step, e.value.latest) == (3, 3)
+  assert sorted(losses(workdir)) == [1, 2, 3]
+  monkeypatch.undo()
+  resumed = trainer.train(config, workdir)
+  assert losses(workdir) == losses(tmp_path / "reference")
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed.params)), jax.tree.leaves(jax.device_get(reference.params)),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
