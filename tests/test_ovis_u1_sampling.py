@@ -168,8 +168,8 @@ def _sharded_edit(model, boxed, params, mesh_shape, noise, branches, grid):
     return run(dict(params, visual_generator=jax.device_put(params["visual_generator"], shards)))
 
 
-@pytest.mark.slow   # ~55 s on 2 cores (alone): three compiles of a width-128 decoder
-def test_sharded_sampling_on_fsdp_and_tensor_meshes_equals_one_device():
+@pytest.mark.slow   # ~70 s on 2 cores (alone): four compiles of a width-128 decoder
+def test_sharded_sampling_on_fsdp_and_tensor_meshes_equals_one_device_and_bf16_stays_close():
   """Edit sampling (VAE-condition tokens, text conditions of unequal lengths) on 8 devices as (1, 8, 1) FSDP and
   (1, 2, 4) FSDP x tensor equals one device. Width 128 / 4 heads so that every sharded axis splits over 8."""
   assert jax.device_count() >= 8, "tests/conftest.py gives 8 fake CPU devices"
@@ -192,6 +192,11 @@ def test_sharded_sampling_on_fsdp_and_tensor_meshes_equals_one_device():
     got, kernel = _sharded_edit(model, boxed, params, mesh_shape, noise, branches, grid)
     assert kernel.sharding.spec == P("fsdp", "tensor", None), mesh_shape   # the params really are sharded
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=str(mesh_shape))
+  # bf16 compute (the 3b config's dtype), fp32 params and sampler state: close to fp32
+  bf16 = ovis_u1.OvisU1(dataclasses.replace(cfg, dtype="bfloat16"))
+  assert bf16.cfg.generator.dtype == "bfloat16"
+  got, _ = _sharded_edit(bf16, boxed, params, None, noise, branches, grid)
+  assert got.dtype == np.float32 and np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
 @pytest.mark.slow   # ~60 s: four processes, each compiling its part of the model
