@@ -182,3 +182,22 @@ def test_clip_layouts_labels_thw_and_flow_targets():
   assert float(obj.normalizers(nb)["flow"]) == n * o  # every frame's tokens, one t for the clip
   t = np.asarray(nb["t"][0, slots])
   assert np.all(t == t[0]) and 0 < t[0] < 1
+
+
+def test_text_to_video_from_given_noise_is_the_hand_built_euler_over_the_clip():
+  from unimm_jax.data import packing
+  from unimm_jax.sampling.tuna import FlowSamplerConfig, TunaSampler, time_grid
+  cfg, params, *_ = _built("siglip")
+  model, o, grid, steps = tuna.Tuna(cfg), cfg.token_features, (2, 2, 3), 3
+  noise = np.random.default_rng(3).normal(size=(1, *grid, o)).astype(np.float32)
+  got = TunaSampler(model, params, TOK).text_to_video([[10, 11]], grid, FlowSamplerConfig(steps=steps, guidance=1.0),
+                                                      noise=noise, video_markers=True)
+  assert got.shape == (1, *grid, o)
+  sample = ts.t2v_sample([10, 11], np.zeros((*grid, o), np.float32), TOK, video_markers=True)
+  b = {k: jnp.asarray(v) for k, v in ts.to_batch([packing.pack_row([sample], 32)], 1, o).items()}
+  slots = np.flatnonzero((sample["span_local"] == 1) & ~sample["time_slot"])
+  x, t = jnp.asarray(noise.reshape(len(slots), o)), time_grid(steps, 3.0)
+  for i in range(steps - 1):
+    v = model.apply({"params": params}, {**b, "x_t": b["x1"].at[0, slots].set(x), "span_t": jnp.full((1, 1), t[i])})
+    x = x + (t[i + 1] - t[i]) * v.prediction[0, slots]
+  np.testing.assert_allclose(got[0], np.asarray(x).reshape(grid + (o,)), atol=1e-5, rtol=0)

@@ -1,4 +1,5 @@
-"""TUNA sampling: text-to-image and editing (Euler ODE + classifier-free guidance), understanding.
+"""TUNA sampling: text-to-image, text-to-video and editing (Euler ODE + classifier-free guidance), understanding
+of images and clips.
 
 Reference: tuna-2 tuna/pipelines/generation.py, editing.py, understanding.py, transport/.
 TUNA's time runs from 0 (noise) to 1 (clean), t = 1 - sigma of sampling/flow.py (this is the edge where the
@@ -147,18 +148,40 @@ class TunaSampler:
     """Token-id prompts -> clean image tokens [n h w o] of a `grid` = (h, w) token grid (_start: seed, noise,
     init)."""
     h, w = grid
-    o = self.module.cfg.token_features
-    blank = np.zeros((h, w, o), np.float32)
-    cond = [ts.t2i_sample(p, blank, self.tokens) for p in prompts]
-    null = [ts.t2i_sample(negative, blank, self.tokens) for _ in prompts]
+    blank = np.zeros((h, w, self.module.cfg.token_features), np.float32)
+    make = lambda p: ts.t2i_sample(p, blank, self.tokens)
+    return self._from_text(make, prompts, negative, blank.shape, cfg, seed, noise, init, progress, "text_to_image")
+
+  def text_to_video(self, prompts: Sequence[Sequence[int]], grid: tuple[int, int, int], cfg: FlowSamplerConfig,
+                    *, negative: Sequence[int] = (), seed: int | Sequence[int] = 0, noise: np.ndarray | None = None,
+                    init: np.ndarray | None = None, video_markers: bool = False, progress: bool = False) -> np.ndarray:
+    """Token-id prompts -> clean clip tokens [n T h w o] of a `grid` = (T, h, w) (frames, rows, columns): the
+    t2i sampler over one span of T*h*w tokens, as the reference's TunaPipeline.t2i with latent_frames = T
+    (noise and init [n T h w o]; _start)."""
+    blank = np.zeros((*grid, self.module.cfg.token_features), np.float32)
+    make = lambda p: ts.t2v_sample(p, blank, self.tokens, video_markers)
+    return self._from_text(make, prompts, negative, blank.shape, cfg, seed, noise, init, progress, "text_to_video")
+
+  def _from_text(self, make: Callable[[Sequence[int]], dict], prompts: Sequence[Sequence[int]],
+                 negative: Sequence[int], shape: tuple[int, ...], cfg: FlowSamplerConfig, seed: int | Sequence[int],
+                 noise: np.ndarray | None, init: np.ndarray | None, progress: bool, where: str) -> np.ndarray:
+    """Generates span 1 of `make(prompt)` (conditional) against `make(negative)` (null): tokens [n *shape]."""
+    n = len(prompts)
+    for name, a in (("noise", noise), ("init", init)):
+      if a is not None and np.shape(a) != (n, *shape):
+        raise ValueError(f"{where}: {name} of shape {np.shape(a)}, expected {(n, *shape)}")
     weights = flow.text_guidance(cfg.guidance)
-    samples = cond if len(weights) == 1 else cond + null
+    cond = [make(p) for p in prompts]
+    samples = cond if len(weights) == 1 else cond + [make(negative) for _ in prompts]
     batch = self._batch(samples)
     slots = np.stack([_image_slots(s, 1) for s in samples])
     velocity = self._velocity_fn(batch, slots, np.zeros(len(samples), np.int32), weights)
-    x, t_grid = self._start(len(prompts), (h, w, o), cfg, seed, noise, init, "text_to_image")
+    # _start sees a clip's T*h*w tokens as T*h rows of w
+    flat = (int(np.prod(shape[:-2])), shape[-2], shape[-1])
+    x, t_grid = self._start(n, flat, cfg, seed, None if noise is None else np.reshape(noise, (n, *flat)),
+                            None if init is None else np.reshape(init, (n, *flat)), where)
     x1 = flow.euler(velocity, x, t_grid, progress)
-    return np.asarray(x1).reshape(len(prompts), h, w, o)
+    return np.asarray(x1).reshape(n, *shape)
 
   def edit(self, sources: Sequence[np.ndarray], instructions: Sequence[Sequence[int]], cfg: FlowSamplerConfig,
            *, negative: Sequence[int] = (), seed: int | Sequence[int] = 0, noise: np.ndarray | None = None,
@@ -192,9 +215,11 @@ class TunaSampler:
 
   def understand(self, images: Sequence[np.ndarray], prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampler: SamplerConfig = SamplerConfig(), stop_tokens: Sequence[int] = (), seed: int = 0,
-                 on_step: Callable[[Any], None] | None = None) -> Generation:
-    """Clean image tokens [h w o] + prompt ids -> answers, decoded with the LLM's KV cache."""
-    samples = [ts.understanding_prompt(img, p, self.tokens) for img, p in zip(images, prompts)]
+                 on_step: Callable[[Any], None] | None = None, video_markers: bool = False) -> Generation:
+    """Clean image tokens [h w o] (or clips [T h w o], between the video tokens with `video_markers`) + prompt
+    ids -> answers, decoded with the LLM's KV cache."""
+    samples = [ts.understanding_prompt(img, p, self.tokens) if np.ndim(img) == 3 else
+               ts.video_understanding_prompt(img, p, self.tokens, video_markers) for img, p in zip(images, prompts)]
     rows, length = _rows(samples, multiple=8)
     for r, s in zip(rows, samples):  # left-pad: move each prompt to the end of its row
       shift = length - len(s["input_ids"])
