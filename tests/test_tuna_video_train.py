@@ -55,3 +55,30 @@ def test_tiny_video_tuna_answers_held_out_video_questions_above_chance(tmp_path)
   chance = float(np.mean([CHANCE[json.loads(r["meta"])["qa_type"]] for r in records]))
   assert overall > chance + 0.2, (acc, overall, chance)
   assert acc["end"] > CHANCE["end"] + 0.15, acc  # the last frame read, not only the first
+
+
+@pytest.mark.slow
+def test_sample_py_frames_writes_an_animated_gif_and_a_frame_strip(tmp_path):
+  import os
+  import subprocess
+
+  from PIL import Image
+
+  import hf_tiny
+  qwen_dir, ckpt, out = tmp_path / "qwen", str(tmp_path / "tuna"), tmp_path / "clips"
+  hf_tiny.qwen2(vocab_size=200, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                rope_theta=1e6).save_pretrained(qwen_dir)
+  hf_tiny.tiny_tokenizer(200).save_pretrained(qwen_dir)
+
+  def run(*args):
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+  run("scripts/convert.py", "--tuna", "tiny", "--llm", str(qwen_dir), "--dst", ckpt)
+  r = run("scripts/sample.py", "--ckpt", ckpt, "--prompt", "red circle", "--size", "8x12", "--frames", "3",
+          "--steps", "3", "--out", str(out))
+  assert sorted(os.listdir(out)) == ["000.gif", "000_frames.png"] and "red circle" in r.stdout
+  frames, _ = video.load_video(out / "000.gif")
+  assert frames.shape == (3, 8, 12, 3)
+  assert Image.open(out / "000_frames.png").size == (36, 8)

@@ -256,13 +256,16 @@ def image_to_tokens(image: np.ndarray, cfg, vae=None) -> np.ndarray:
 
 
 def tokens_to_image(tokens: np.ndarray, cfg, vae=None) -> np.ndarray:
-  """Image tokens [h w o] -> [H W 3] in [-1, 1] (decoded by the VAE for a latent-space TUNA)."""
-  z = rearrange(np.asarray(tokens), "h w (p q c) -> (h p) (w q) c", p=cfg.patch, q=cfg.patch)
+  """Image tokens [h w o] -> [H W 3] in [-1, 1], clip tokens [T h w o] -> frames [F H W 3] (decoded by the VAE for
+  a latent-space TUNA: T latent frames are F = 1 + 4 (T - 1) frames of the Wan 2.2 VAE; pixel space F = T)."""
+  clip = np.ndim(tokens) == 4
+  z = rearrange(np.asarray(tokens), "... h w (p q c) -> ... (h p) (w q) c", p=cfg.patch, q=cfg.patch)
   if cfg.space == "latent":
     if vae is None:
       raise ValueError("tokens_to_image: a latent-space TUNA needs its VAE (vae/ beside the checkpoint)")
-    z = cfg.latent_norm(vae.config).invert(jnp.asarray(z)[None, None])
-    z = np.asarray(vae.module.apply({"params": vae.params}, z, method=type(vae.module).decode))[0, 0]
+    z = cfg.latent_norm(vae.config).invert(jnp.asarray(z)[None] if clip else jnp.asarray(z)[None, None])
+    z = np.asarray(vae.module.apply({"params": vae.params}, z, method=type(vae.module).decode))[0]
+    z = z if clip else z[0]
   return np.clip(z, -1.0, 1.0)
 
 
@@ -330,6 +333,20 @@ class LoadedTuna:
                                       negative=self.encode_text(negative), seed=seed,
                                       init=self._init_tokens(init_images, len(prompts), "generate"),
                                       progress=progress)
+    return [self.to_image(t) for t in toks]
+
+  def generate_video(self, prompts: Sequence[str], size: tuple[int, int], frames: int, cfg: FlowSamplerConfig, *,
+                     negative: str = "", seed: int | Sequence[int] = 0, video_markers: bool = False,
+                     progress: bool = False) -> list[np.ndarray]:
+    """Prompts -> uint8 clips [F H W 3] of `size` = (H, W) pixels from `frames` generated (latent) frames
+    (tokens_to_image: F frames once decoded)."""
+    d = self.downsample
+    if size[0] % d or size[1] % d or frames < 1:
+      raise ValueError(f"generate_video: size {size} is not a multiple of {d} pixels (one image token) or "
+                       f"frames {frames} < 1")
+    toks = self.sampler.text_to_video([self.encode_text(p) for p in prompts], (frames, size[0] // d, size[1] // d),
+                                      cfg, negative=self.encode_text(negative), seed=seed,
+                                      video_markers=video_markers, progress=progress)
     return [self.to_image(t) for t in toks]
 
   def edit(self, images: Sequence[np.ndarray], instructions: Sequence[str], cfg: FlowSamplerConfig, *,
