@@ -58,7 +58,7 @@ def test_tiny_video_tuna_answers_held_out_video_questions_above_chance(tmp_path)
 
 
 @pytest.mark.slow
-def test_sample_py_frames_writes_an_animated_gif_and_a_frame_strip(tmp_path):
+def test_sample_py_frames_writes_a_gif_and_chat_py_video_answers_about_it(tmp_path):
   import os
   import subprocess
 
@@ -82,3 +82,9 @@ def test_sample_py_frames_writes_an_animated_gif_and_a_frame_strip(tmp_path):
   frames, _ = video.load_video(out / "000.gif")
   assert frames.shape == (3, 8, 12, 3)
   assert Image.open(out / "000_frames.png").size == (36, 8)
+  r = run("scripts/chat.py", "--ckpt", ckpt, "--video", str(out / "000.gif"), "--video_frames", "3", "--prompt",
+          "what moves", "--max_new_tokens", "4")
+  assert r.stdout.startswith("> what moves\n")
+  bad = subprocess.run([sys.executable, "scripts/chat.py", "--ckpt", ckpt, "--video", str(tmp_path / "none.mp4"),
+                        "--prompt", "x"], capture_output=True, text=True, timeout=900)
+  assert bad.returncode == 2 and "none.mp4" in bad.stderr, bad.stderr[-2000:]

@@ -240,19 +240,22 @@ class TunaSampler:
 
 
 def image_to_tokens(image: np.ndarray, cfg, vae=None) -> np.ndarray:
-  """[H W 3] in [-1, 1] -> image tokens [h w o] of the generated space (VAE latents or pixels)."""
-  p = cfg.patch
+  """[H W 3] in [-1, 1] -> image tokens [h w o] of the generated space (VAE latents or pixels); frames [F H W 3] ->
+  clip tokens [T h w o] (the Wan 2.2 VAE turns F = 1 + 4k frames into T = 1 + k; pixel space T = F)."""
+  p, clip = cfg.patch, np.ndim(image) == 4
   if cfg.space == "latent":
     if vae is None:
       raise ValueError("image_to_tokens: a latent-space TUNA needs its VAE (vae/ beside the checkpoint)")
-    z = vae.module.apply({"params": vae.params}, jnp.asarray(image)[None, None], method=type(vae.module).encode).mode()
-    z = np.asarray(cfg.latent_norm(vae.config).apply(z))[0, 0]
+    x = jnp.asarray(image)[None] if clip else jnp.asarray(image)[None, None]
+    z = vae.module.apply({"params": vae.params}, x, method=type(vae.module).encode).mode()
+    z = np.asarray(cfg.latent_norm(vae.config).apply(z))[0]
+    z = z if clip else z[0]
   else:
     z = np.asarray(image, np.float32)
-  h, w = z.shape[0] // p, z.shape[1] // p
-  if (h * p, w * p) != z.shape[:2]:
-    raise ValueError(f"image_to_tokens: {z.shape[:2]} is not a multiple of the patch {p}")
-  return rearrange(z, "(h p) (w q) c -> h w (p q c)", p=p, q=p)
+  h, w = z.shape[-3] // p, z.shape[-2] // p
+  if (h * p, w * p) != z.shape[-3:-1]:
+    raise ValueError(f"image_to_tokens: {z.shape[-3:-1]} is not a multiple of the patch {p}")
+  return rearrange(z, "... (h p) (w q) c -> ... h w (p q c)", p=p, q=p)
 
 
 def tokens_to_image(tokens: np.ndarray, cfg, vae=None) -> np.ndarray:
@@ -303,6 +306,23 @@ class LoadedTuna:
     except OSError as e:
       raise ValueError(f"{path}: cannot read the image: {e}") from None
     return np.asarray(img.resize(tuple(max(d, round(s / d) * d) for s in img.size), Image.BICUBIC))
+
+  def read_video(self, path: str, frames: int) -> np.ndarray:
+    """A video file (data/video.py: GIF, MP4, ...) -> `frames` frames spread over it, uint8 [F H W 3], each resized
+    as read_image."""
+    from PIL import Image
+
+    from unimm_jax.data import transforms, video
+    spec = video.VideoSpec(frames)
+    if self.cfg.space == "latent":
+      spec.check_vae(self.vae.config.temporal_downscale, "read_video")
+    try:
+      clip = video.sample_frames(*video.load_video(path), spec)
+    except transforms.BadImage as e:
+      raise ValueError(f"cannot read the video: {e}") from None
+    d = self.downsample
+    size = tuple(max(d, round(s / d) * d) for s in clip.shape[2:0:-1])
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC)) for f in clip])
 
   def to_tokens(self, image: np.ndarray) -> np.ndarray:
     return image_to_tokens(np.asarray(image, np.float32) / 127.5 - 1.0, self.cfg, self.vae)
@@ -366,6 +386,17 @@ class LoadedTuna:
     out = self.sampler.understand([self.to_tokens(i) for i in images], [self.encode_text(q) for q in questions],
                                   max_new_tokens=max_new_tokens, sampler=sampler,
                                   stop_tokens=[self.sampler.tokens.eos], seed=seed, on_step=on_step)
+    return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.as_lists()]
+
+
+  def answer_video(self, clips: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int = 32,
+                   sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
+                   on_step: Callable[[Any], None] | None = None, video_markers: bool = False) -> list[str]:
+    """uint8 clips [F H W 3] + questions (raw text) -> decoded answers (the vmmu layout)."""
+    out = self.sampler.understand([self.to_tokens(c) for c in clips], [self.encode_text(q) for q in questions],
+                                  max_new_tokens=max_new_tokens, sampler=sampler,
+                                  stop_tokens=[self.sampler.tokens.eos], seed=seed, on_step=on_step,
+                                  video_markers=video_markers)
     return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.as_lists()]
 
 
