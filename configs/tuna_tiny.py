@@ -26,6 +26,8 @@ VARIANTS = {
     # sized for `make demo` to train in < 15 minutes on 2 cores (docs/demo.md has the step times and the sweeps)
     "tiny": dict(embed=128, depth=4, steps=3200, batch_size=4),
     "smoke": dict(embed=64, depth=1, steps=4, batch_size=2),   # the test of scripts/demo.py
+    # the shapes world's clips (a moving object, data/shapes.py): text-to-video and video questions only
+    "video": dict(embed=128, depth=4, steps=1200, batch_size=4, video=True),
 }
 IMAGE_SIZE, SEQ_LEN = 32, 256
 PATCH = IMAGE_SIZE // shapes.GRID  # one grid cell, one image token: 16 px
@@ -33,8 +35,8 @@ PATCH = IMAGE_SIZE // shapes.GRID  # one grid cell, one image token: 16 px
 MAX_SPANS = SEQ_LEN // ((IMAGE_SIZE // PATCH) ** 2 + 3)
 
 
-def model_config(embed: int, depth: int) -> tuna.TunaConfig:
-  llm = qwen.QwenConfig(vocab=64, embed=embed, mlp=3 * embed, depth=depth, heads=4, kv_heads=2, head_dim=embed // 4,
+def model_config(embed: int, depth: int, vocab: int = 64) -> tuna.TunaConfig:
+  llm = qwen.QwenConfig(vocab=vocab, embed=embed, mlp=3 * embed, depth=depth, heads=4, kv_heads=2, head_dim=embed // 4,
                         tie_embeddings=False)   # the shapes tokenizer has 62 tokens; untied (module docstring)
   # patch_positions: one learned row and column embedding per cell of the grid (module docstring)
   return tuna.TunaConfig.sized(llm, 2, 4, 2, head_dim=embed // 4, encoder="patch", space="pixel", channels=3,
@@ -45,7 +47,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   v = common.pick(VARIANTS, arg, "configs/tuna_tiny.py")
   c = common.train_defaults()
   c.task = "tuna"
-  c.model = ml_collections.ConfigDict(model_config(v["embed"], v["depth"]).to_dict())
+  # the video tokenizer adds the clips' words and the video tokens: 70 tokens
+  c.model = ml_collections.ConfigDict(model_config(v["embed"], v["depth"], 72 if v.get("video") else 64).to_dict())
   # flow loss 3x the CE (TUNA: 1 and 0.2), a bigger understanding share, t noisier than JiT's (module docstring)
   c.flow = ml_collections.ConfigDict(dataclasses.asdict(
       obj.FlowConfig.tuna2(ntp_weight=1.0, flow_weight=3.0, t_mean=-1.2, t_std=1.3)))
@@ -59,6 +62,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       sources=dict(t2i="", edit="", mmu="", text=""), tokenizer="", chat_template=False,
       # understanding CE on answer + eos only, as before the reference's <boi> / <eoi> targets became an option
       mmu_vision_labels=False))
+  if v.get("video"):
+    # 5 frames (1 + 4k) spread over each clip, between the video tokens
+    # (assigned, not updated: an update would merge in the image streams' weights)
+    c.data.weights = ml_collections.ConfigDict(dict(t2v=0.5, vmmu=0.5))
+    c.data.warmup = ml_collections.ConfigDict(dict(steps=0, weights=dict(t2v=1.0, vmmu=0.0)))
+    c.data.update(dict(video=dict(frames=shapes.CLIP_FRAMES, fps=0.0), video_markers=True))
+    c.data.sources.update(dict(t2v="", vmmu=""))
   c.batch_size = v["batch_size"]
   c.steps = v["steps"]
   c.optim.update(lr=3e-3, warmup_steps=50, schedule="cosine", end_lr_frac=0.1, weight_decay=0.01, ema_decay=0.0)

@@ -23,10 +23,12 @@ import grain
 import numpy as np
 from absl import logging
 
-from unimm_jax.data import packing, shapes, transforms
+from unimm_jax.data import packing, shapes, transforms, video
 
 
 TUNA_MIX = {"t2i": 0.5, "edit": 0.2, "mmu": 0.2, "text": 0.1}  # TUNA's stream weights (train.yaml)
+VIDEO_STREAMS = ("t2v", "vmmu")  # records whose one "image" is a clip
+UNDERSTANDING = ("mmu", "vmmu")  # (question, answer) records
 CLOSE_TIMEOUT_S = 5  # how long `DataIterator.close` waits for a packing thread stuck in a read
 
 
@@ -34,7 +36,7 @@ CLOSE_TIMEOUT_S = 5  # how long `DataIterator.close` waits for a packing thread 
 class Stream:
   """One input stream: a random-access source of canonical records and its mixing weight."""
 
-  name: str  # "t2i" | "mmu" | "edit" | "text"
+  name: str  # "t2i" | "mmu" | "edit" | "text" | "t2v" | "vmmu"
   source: Any
   weight: float
 
@@ -89,13 +91,15 @@ class Prepare:
 
   `builder(example) -> sample` is the model's sequence builder. With `chat_template`, an understanding
   prompt is wrapped as a user turn plus the opening of the assistant turn by the tokenizer's template.
-  Returns `{"skipped": reason, ...}` instead of raising for bad data.
+  The video streams (t2v, vmmu) decode their clip and sample its frames by `video_spec` (data/video.py) into
+  images [T H W 3]. Returns `{"skipped": reason, ...}` instead of raising for bad data.
   """
 
   tokenizer: Any
   builder: Callable[[dict[str, Any]], dict[str, Any]]
   buckets: tuple[tuple[int, int], ...]
   chat_template: bool = False
+  video_spec: video.VideoSpec | None = None
 
   def example(self, record: Mapping[str, Any]) -> dict[str, Any]:
     """Canonical record -> example, or a skip marker (also passed through from the source)."""
@@ -103,15 +107,21 @@ class Prepare:
       return dict(record)
     stream = record["stream"]
     marker = {packing.SKIP_KEY: "", "id": record["id"], "stream": stream, "epoch": record.get("epoch", 0)}
-    if not record["text"].strip() or (stream == "mmu" and not record["answer"].strip()):
+    if not record["text"].strip() or (stream in UNDERSTANDING and not record["answer"].strip()):
       return {**marker, packing.SKIP_KEY: "empty_text"}
+    if stream in VIDEO_STREAMS and self.video_spec is None:
+      raise ValueError(f"Prepare: a {stream} record ({record['id']}) needs Prepare.video_spec (frames, fps) to sample "
+                       "its clip; set config.data.video")
     images = []
     for image in record["images"]:
       try:
-        images.append(transforms.prepare_image(transforms.load_image(image), self.buckets))
+        if stream in VIDEO_STREAMS:
+          images.append(video.prepare_video(video.sample_frames(*video.load_video(image), self.video_spec), self.buckets))
+        else:
+          images.append(transforms.prepare_image(transforms.load_image(image), self.buckets))
       except transforms.BadImage as e:
         return {**marker, packing.SKIP_KEY: e.reason, "detail": str(e).removeprefix(f"{e.reason}: ")}
-    if stream == "mmu":
+    if stream in UNDERSTANDING:
       text_ids, text_loss = self._prompt(record)
     else:
       text_ids = _ids(self.tokenizer, record["text"])

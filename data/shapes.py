@@ -11,6 +11,11 @@ every shape pixel is exactly a palette colour.
 Why 2x2 cells: a cell is then one image token of a model with patch S/2 (`configs/tuna_tiny.py`), so each object
 is whole in one token (the measurements against a 3x3 world are in docs/demo.md).
 
+Clips (the video streams `VIDEO_STREAMS`): one object moves in a straight line from the centre of one cell to the
+centre of another over `CLIP_FRAMES` frames (its centre interpolated linearly, so the middle frames show it
+between cells); t2v captions name the object and both cells, vmmu asks where it starts or ends, or its colour or
+shape. A record's clip is uint8 [T S S 3].
+
 Records follow the canonical raw-record schema of `data/README.md`; `meta` (JSON) keeps the scene, the
 scene kind and, per stream, the question types (mmu records are conversations of up to `QA_TURNS`
 questions; `qa_type` is the last one's) or the edit op and target scene.
@@ -46,7 +51,11 @@ KINDS = ("single", "relation", "pair", "count", "triple")
 QA_TYPES = ("color", "shape", "count", "position")
 QA_TURNS = 3  # questions of an mmu record (a conversation about one image)
 EDIT_OPS = ("recolor", "move", "add", "remove")
-_STREAM_CODE = {s: n for n, s in enumerate(STREAMS)}
+VIDEO_STREAMS = ("t2v", "vmmu")
+CLIP_FRAMES = 5  # 1 + 4k, what the Wan 2.2 VAE encodes whole
+VIDEO_QA_TYPES = ("start", "end", "color", "shape")
+# appended after the image streams, so their records (seeded by stream code) stay as they were
+_STREAM_CODE = {s: n for n, s in enumerate(STREAMS + VIDEO_STREAMS)}
 
 
 class Obj(NamedTuple):
@@ -263,6 +272,35 @@ def sample_edit(rng: np.random.Generator) -> tuple[str, Scene, str, Scene]:
   return op, src, f"remove the {o.color} {o.shape}", src[:k] + src[k + 1 :]
 
 
+def sample_motion(rng: np.random.Generator) -> tuple[Obj, str]:
+  """(the object at its start cell, centred, and its end cell, another cell)."""
+  ((c, s),) = _distinct_pairs(rng, 1)
+  start, end = (CELLS[int(k)] for k in rng.choice(len(CELLS), 2, replace=False))
+  return Obj(c, s, start, float(np.round(rng.uniform(0.5, 0.72), 3)), 0.0, 0.0), end
+
+
+def render_clip(obj: Obj, end: str, size: int, frames: int = CLIP_FRAMES) -> np.ndarray:
+  """The object moving from its cell to `end` -> uint8 [frames size size 3]; frame 0 shows it in its cell, the
+  last in `end`. Offsets are relative to the start cell, so `_draw` places the in-between frames."""
+  (r0, c0), (r1, c1) = _cell_rc(obj.cell), _cell_rc(end)
+  steps = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
+  return np.stack([render([obj._replace(dx=a * (c1 - c0), dy=a * (r1 - r0))], size) for a in steps])
+
+
+def motion_caption(obj: Obj, end: str) -> str:
+  return f"{_a(obj)} moves from the {obj.cell} to the {end}"
+
+
+def ask_motion(rng: np.random.Generator, obj: Obj, end: str) -> tuple[str, str, str]:
+  """(question type, question, answer) about a clip; `start` / `end` need the clip's first / last frames."""
+  qtype = _choice(rng, VIDEO_QA_TYPES)
+  name = f"{obj.color} {obj.shape}"
+  return qtype, *{"start": (f"where does the {name} start ?", obj.cell),
+                  "end": (f"where does the {name} end ?", end),
+                  "color": (f"what color is the {obj.shape} ?", obj.color),
+                  "shape": (f"what shape is the {obj.color} object ?", obj.shape)}[qtype]
+
+
 def scene_to_json(scene: Scene) -> list[list[Any]]:
   return [list(o) for o in scene]
 
@@ -274,9 +312,18 @@ def scene_from_json(items: Sequence[Sequence[Any]]) -> Scene:
 def shapes_record(stream: str, index: int, *, size: int = 32, seed: int = 0) -> dict[str, Any]:
   """Record `index` of a stream, as a canonical raw record (see data/README.md)."""
   if stream not in _STREAM_CODE:
-    raise ValueError(f"unknown stream {stream!r}; expected one of {STREAMS}")
+    raise ValueError(f"unknown stream {stream!r}; expected one of {STREAMS + VIDEO_STREAMS}")
   rng = np.random.default_rng((seed, _STREAM_CODE[stream], index))
   rid, turns = f"shapes{size}-{seed}-{stream}-{index}", []
+  if stream in VIDEO_STREAMS:
+    obj, end = sample_motion(rng)
+    meta = {"kind": "motion", "scene": scene_to_json((obj,)), "end": end}
+    text, answer = motion_caption(obj, end), ""
+    if stream == "vmmu":
+      qtype, text, answer = ask_motion(rng, obj, end)
+      meta["qa_type"] = qtype
+    return {"id": rid, "stream": stream, "images": [render_clip(obj, end, size)], "text": text, "answer": answer,
+            "turns": turns, "meta": json.dumps(meta, sort_keys=True)}
   if stream == "edit":
     op, src, instruction, tgt = sample_edit(rng)
     meta = {"op": op, "scene": scene_to_json(src), "target": scene_to_json(tgt)}
@@ -305,7 +352,7 @@ class ShapesSource:
 
   def __init__(self, stream: str, num_records: int, *, size: int = 32, seed: int = 0):
     if stream not in _STREAM_CODE:
-      raise ValueError(f"unknown stream {stream!r}; expected one of {STREAMS}")
+      raise ValueError(f"unknown stream {stream!r}; expected one of {STREAMS + VIDEO_STREAMS}")
     if size not in SIZES:
       raise ValueError(f"shapes images are {SIZES} pixels, got size={size}")
     self.stream, self.num_records, self.size, self.seed = stream, num_records, size, seed
@@ -330,3 +377,8 @@ def vocabulary() -> list[str]:
   words += list(COLORS) + list(SHAPES) + list(PLURALS.values()) + list(NUMBERS)
   words += [w for c in CELLS for w in c.split()] + [w for r in RELATIONS for w in r.split()]
   return list(dict.fromkeys(words))
+
+
+def video_vocabulary() -> list[str]:
+  """The words the clip texts add to `vocabulary()` (kept apart, so the image vocabulary's ids never move)."""
+  return [w for w in ("moves", "from", "does", "start", "end") if w not in vocabulary()]

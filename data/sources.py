@@ -24,8 +24,9 @@ from absl import logging
 
 from unimm_jax.data.packing import NAMED_SKIPS
 
-STREAMS = ("t2i", "mmu", "edit", "text")
-IMAGE_COUNT = {"t2i": 1, "mmu": 1, "edit": 2, "text": 0}
+STREAMS = ("t2i", "mmu", "edit", "text", "t2v", "vmmu")
+IMAGE_COUNT = {"t2i": 1, "mmu": 1, "edit": 2, "text": 0, "t2v": 1, "vmmu": 1}  # a video stream's "image" is its clip
+UNDERSTANDING = ("mmu", "vmmu")  # streams of (question, answer) records
 # Field names the reference repos and common tools use, first match wins.
 IMAGE_KEYS = {
     "t2i": (("image",), ("images",), ("file_name",), ("image_path",), ("path",)),
@@ -33,12 +34,16 @@ IMAGE_KEYS = {
     "edit": (("source_image", "target_image"), ("input_image", "output_image"), ("src_image", "tgt_image"),
              ("input_image", "edited_image"), ("images",)),
     "text": (),
+    "t2v": (("video",), ("video_path",), ("clip",), ("path",)),
+    "vmmu": (("video",), ("video_path",), ("clip",)),
 }
 TEXT_KEYS = {
     "t2i": ("caption", "text", "prompt", "prompts"),
     "mmu": ("question", "prompt", "text"),
     "edit": ("instruction", "edit_instruction", "prompt", "text"),
     "text": ("text", "content"),
+    "t2v": ("caption", "text", "prompt", "prompts"),
+    "vmmu": ("question", "prompt", "text"),
 }
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -99,18 +104,18 @@ def canonical(raw: Mapping[str, Any], stream: str, *, rid: str, base_dir: str | 
   if base_dir is not None:
     images = [os.path.join(base_dir, im) if isinstance(im, str) else im for im in images]
   answer, turns = "", [_as_str(t) for t in raw.get("turns", ())]
-  if stream == "mmu" and "conversations" in raw:
+  if stream in UNDERSTANDING and "conversations" in raw:
     turns, text, answer = _conversation(raw["conversations"], rid)
   else:
     text = _first(raw, TEXT_KEYS[stream])
     if text is None:
       raise RecordError(f"{rid}: no text field (looked for {TEXT_KEYS[stream]})")
-    if stream == "mmu":
+    if stream in UNDERSTANDING:
       answer = _first(raw, ("answer", "response"))
       if answer is None:
         raise RecordError(f"{rid}: no answer field (looked for 'answer', 'response', 'conversations')")
-  if len(turns) % 2 or (turns and stream != "mmu"):
-    raise RecordError(f"{rid}: 'turns' must be earlier (user, assistant) pairs of an mmu record, got "
+  if len(turns) % 2 or (turns and stream not in UNDERSTANDING):
+    raise RecordError(f"{rid}: 'turns' must be earlier (user, assistant) pairs of an mmu / vmmu record, got "
                       f"{len(turns)} turns in a {stream} record")
   if isinstance(text, list):  # several captions per image: the first one is used
     text = text[0] if text else ""

@@ -1,4 +1,4 @@
-"""TUNA sequence builders: the four streams as packable samples, and packed rows -> model batches.
+"""TUNA sequence builders: the streams as packable samples, and packed rows -> model batches.
 
 Layouts (reference: tuna-2 tuna/data/tokenize_utils.py), with each image a span
 `[time slot] [image token] * (h * w)` between <boi> and <eoi>:
@@ -7,8 +7,16 @@ Layouts (reference: tuna-2 tuna/data/tokenize_utils.py), with each image a span
                                                              (and on the answers of earlier turns in prompt)
   edit   [bos] [boi] src [eoi] instruction [boi] tgt [eoi] [eos]   src clean, flow loss on tgt
   text   [bos] text [eos]                                     CE on every token after bos
+A video clip of T (latent) frames is one span `[time slot] [image token] * (T * h * w)` (frame-major), one
+time for the whole clip:
+  t2v    the t2i layout with a clip                           flow loss on every frame's tokens
+  vmmu   the mmu layout with a clip                           clip clean, CE on answer + eos
+The reference's t2v (tuna/data/datasets/video_dataset.py, pipelines/tuna_pipeline.py) puts a clip between
+<boi> <eoi> in <|image_pad|> slots, as an image; `video_markers=True` uses its tokenizer's video tokens
+(misc.get_text_tokenizer: <|vid_start|> <|video_pad|>* <|vid_end|>) instead, which it registers but never
+places in a sequence.
 Deviation from the reference, on purpose: its datasets reserve h*w slots per image for a span of
-1 + h*w, silently dropping the last image token; here every span has 1 + h*w slots.
+1 + h*w, silently dropping the last image token; here every span has 1 + h*w slots (1 + T*h*w for a clip).
 Options (keyword arguments of the builders):
   meta_slots=3   spans open with [height slot] [width slot] [time slot] (TunaConfig.aspect_ratio_embeds, the
                  reference's add_aspect_ratio_embeds: its pipelines' `num_image_tokens = h*w + 2 + 1`); the
@@ -18,9 +26,9 @@ Options (keyword arguments of the builders):
                  before this option, kept for the existing configs -- configs/tuna.py)
 
 A sample (see data/packing.py) has per-token arrays: tokens, labels (target token or IGNORE, aligned
-with tokens: CE compares logits[i - 1] with labels[i]), span_local, time_slot, img_y, img_x, img_h,
-img_w, span_clean (span forced to t = 1), flow (image token in the flow loss); its attachments are
-(offset of the first image token, patches [h*w o]) per image.
+with tokens: CE compares logits[i - 1] with labels[i]), span_local, time_slot, img_t (frame), img_y, img_x,
+img_h, img_w, span_clean (span forced to t = 1), flow (image token in the flow loss); its attachments are
+(offset of the first image token, patches [T*h*w o]) per image or clip.
 """
 
 from __future__ import annotations
@@ -44,19 +52,36 @@ class TunaTokens:
   image_pad: int
   pad: int = 0
 
+  # the video tokens (tuna-2 misc.get_text_tokenizer); None when the tokenizer lacks them
+  bov: int | None = None
+  eov: int | None = None
+  video_pad: int | None = None
+
   NAMES: ClassVar[dict[str, str]] = {"bos": "<|im_start|>", "boi": "<|vision_start|>", "eoi": "<|vision_end|>", "image_pad": "<|image_pad|>"}
+  VIDEO_NAMES: ClassVar[dict[str, str]] = {"bov": "<|vid_start|>", "eov": "<|vid_end|>", "video_pad": "<|video_pad|>"}
 
   @classmethod
   def from_tokenizer(cls, tokenizer: Any) -> "TunaTokens":
     """The tuna-2 choice for Qwen2.5 (misc.get_text_tokenizer): bos <|im_start|>, eos the tokenizer's,
-    boi/eoi <|vision_start|>/<|vision_end|>, <|image_pad|>, pad the tokenizer's pad."""
+    boi/eoi <|vision_start|>/<|vision_end|>, <|image_pad|>, pad the tokenizer's pad; the video tokens
+    <|vid_start|> <|vid_end|> <|video_pad|> where the tokenizer has them."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in cls.NAMES.values() if t not in vocab]
     if missing or tokenizer.eos_token_id is None:
       raise ValueError(f"tokenizer lacks TUNA's special tokens {missing or ['an eos token']}")
     ids = {k: vocab[t] for k, t in cls.NAMES.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return cls(eos=tokenizer.eos_token_id, pad=pad, **ids)
+    video = {k: vocab[t] for k, t in cls.VIDEO_NAMES.items() if t in vocab}
+    return cls(eos=tokenizer.eos_token_id, pad=pad, **ids, **video)
+
+  def markers(self, video: bool) -> tuple[int, int, int]:
+    """(open, close, slot) tokens of a span: the image tokens, or the video tokens (`video_markers`)."""
+    if not video:
+      return self.boi, self.eoi, self.image_pad
+    if None in (self.bov, self.eov, self.video_pad):
+      missing = [t for k, t in self.VIDEO_NAMES.items() if getattr(self, k) is None]
+      raise ValueError(f"video_markers: the tokenizer lacks the video tokens {missing}")
+    return self.bov, self.eov, self.video_pad
 
 
 def _text(ids: Sequence[int], labelled: bool | np.ndarray) -> dict[str, np.ndarray]:
@@ -66,27 +91,30 @@ def _text(ids: Sequence[int], labelled: bool | np.ndarray) -> dict[str, np.ndarr
 
 
 def _span(patches: np.ndarray, k: int, tok: TunaTokens, *, clean: bool, flow: bool,
-          meta_slots: int = 1) -> dict[str, np.ndarray]:
-  """patches [h w o] -> one span of meta_slots + h*w slots with local span id k."""
-  if patches.ndim != 3:
-    raise ValueError(f"image patches must be [h w o], got {patches.shape}")
+          meta_slots: int = 1, slot: int | None = None) -> dict[str, np.ndarray]:
+  """patches [h w o] (an image) or [T h w o] (a clip) -> one span of meta_slots + T*h*w slots with local span id k,
+  holding `slot` (default <|image_pad|>)."""
+  if patches.ndim not in (3, 4):
+    raise ValueError(f"image patches must be [h w o] or a clip's [T h w o], got {patches.shape}")
   if meta_slots not in (1, 3):
     raise ValueError(f"meta_slots must be 1 (time) or 3 (height, width, time), got {meta_slots}")
-  h, w, _ = patches.shape
-  n = meta_slots + h * w
-  y, x = np.divmod(np.arange(h * w, dtype=np.int32), w)
+  frames, h, w, _ = patches.shape if patches.ndim == 4 else (1, *patches.shape)
+  n = meta_slots + frames * h * w
+  f, yx = np.divmod(np.arange(frames * h * w, dtype=np.int32), h * w)
+  y, x = np.divmod(yx, w)
   meta = np.zeros(meta_slots, np.int32)
   return {
-      "input_ids": np.full(n, tok.image_pad, np.int32), "labels": np.full(n, IGNORE, np.int32),
-      "span_local": np.full(n, k, np.int32), "time_slot": np.arange(n) < meta_slots,
+      "input_ids": np.full(n, tok.image_pad if slot is None else slot, np.int32),
+      "labels": np.full(n, IGNORE, np.int32), "span_local": np.full(n, k, np.int32),
+      "time_slot": np.arange(n) < meta_slots, "img_t": np.concatenate([meta, f]).astype(np.int32),
       "img_y": np.concatenate([meta, y]).astype(np.int32), "img_x": np.concatenate([meta, x]).astype(np.int32),
       "img_h": np.full(n, h, np.int32), "img_w": np.full(n, w, np.int32),
-      "span_clean": np.full(n, clean, bool), "flow": np.concatenate([meta.astype(bool), np.full(h * w, flow)]),
+      "span_clean": np.full(n, clean, bool), "flow": np.concatenate([meta.astype(bool), np.full(n - meta_slots, flow)]),
   }
 
 
-_ZEROS = {"span_local": np.int32, "time_slot": bool, "img_y": np.int32, "img_x": np.int32, "img_h": np.int32,
-          "img_w": np.int32, "span_clean": bool, "flow": bool}
+_ZEROS = {"span_local": np.int32, "time_slot": bool, "img_t": np.int32, "img_y": np.int32, "img_x": np.int32,
+          "img_h": np.int32, "img_w": np.int32, "span_clean": bool, "flow": bool}
 
 
 def _join(parts: list[dict[str, np.ndarray]], images: list[np.ndarray], stream: str) -> dict[str, Any]:
@@ -150,6 +178,44 @@ def understanding_prompt(image: np.ndarray, prompt_ids: Sequence[int], tok: Tuna
   return _join(parts, [image], "mmu")
 
 
+def _clip(clip: np.ndarray) -> np.ndarray:
+  if clip.ndim != 4:
+    raise ValueError(f"a video clip's patches must be [T h w o], got {clip.shape}")
+  return clip
+
+
+def t2v_sample(text_ids: Sequence[int], clip: np.ndarray, tok: TunaTokens, video_markers: bool = False) -> dict[str, Any]:
+  """Text-to-video: the t2i layout around a clip [T h w o]; flow loss on all its frames' tokens."""
+  start, end, slot = tok.markers(video_markers)
+  parts = [_text([tok.bos, *text_ids, start], False), _span(_clip(clip), 1, tok, clean=False, flow=True, slot=slot),
+           _text([end, tok.eos], False)]
+  return _join(parts, [clip], "t2v")
+
+
+def _video_prefix(clip: np.ndarray, prompt_ids: Sequence[int], tok: TunaTokens, video_markers: bool,
+                  prompt_loss: np.ndarray | bool) -> list[dict[str, np.ndarray]]:
+  start, end, slot = tok.markers(video_markers)
+  loss = np.zeros(1 + len(prompt_ids), bool)
+  loss[1:] = prompt_loss
+  return [_text([tok.bos, start], False), _span(_clip(clip), 1, tok, clean=True, flow=False, slot=slot),
+          _text([end, *prompt_ids], loss)]
+
+
+def video_understanding_sample(clip: np.ndarray, prompt_ids: Sequence[int], answer_ids: Sequence[int],
+                               tok: TunaTokens, prompt_loss: np.ndarray | None = None,
+                               video_markers: bool = False) -> dict[str, Any]:
+  """Video understanding: the mmu layout around a clean clip [T h w o]; CE on answer + eos (and on the prompt
+  tokens `prompt_loss` marks)."""
+  parts = _video_prefix(clip, prompt_ids, tok, video_markers, False if prompt_loss is None else prompt_loss)
+  return _join([*parts, _text([*answer_ids, tok.eos], True)], [clip], "vmmu")
+
+
+def video_understanding_prompt(clip: np.ndarray, prompt_ids: Sequence[int], tok: TunaTokens,
+                               video_markers: bool = False) -> dict[str, Any]:
+  """The video understanding layout up to the prompt: what generation continues from."""
+  return _join(_video_prefix(clip, prompt_ids, tok, video_markers, False), [clip], "vmmu")
+
+
 def edit_sample(source: np.ndarray, instruction_ids: Sequence[int], target: np.ndarray,
                 tok: TunaTokens, *, meta_slots: int = 1) -> dict[str, Any]:
   parts = [_text([tok.bos, tok.boi], False), _span(source, 1, tok, clean=True, flow=False, meta_slots=meta_slots),
@@ -183,7 +249,7 @@ def to_batch(rows: Sequence[Mapping[str, Any]], max_spans: int, token_features: 
       "x1": np.zeros((b, t, token_features), np.float32),
   }
   for i, r in enumerate(rows):
-    out["thw"][i, :, 1], out["thw"][i, :, 2] = r["img_y"], r["img_x"]
+    out["thw"][i] = np.stack([r["img_t"], r["img_y"], r["img_x"]], axis=-1)
     spans = r["span_ids"]
     if spans.max(initial=0) > max_spans:
       raise ValueError(f"row {i} has {spans.max()} image spans > max_spans {max_spans}")

@@ -36,6 +36,8 @@ flags.DEFINE_integer("seed", 0, "sampling seed")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (LLM checkpoints)")
 flags.DEFINE_multi_string("image", None, "an image to ask about (repeat the flag for several; checkpoints of a "
                           "family with an image pipeline)")
+flags.DEFINE_string("video", None, "a video file (GIF, MP4, ...) every prompt asks about (TUNA)")
+flags.DEFINE_integer("video_frames", 5, "--video: frames spread over the clip (latent TUNA: 1 + 4k)")
 cli.define_route_flags()
 
 
@@ -84,9 +86,25 @@ def ask_pipeline() -> None:
     print(f"> {prompt}\n{answer}\n")
 
 
+def ask_video() -> None:
+  """The pipeline answers every prompt about the --video clip."""
+  if FLAGS.image:
+    raise ValueError("--video and --image: ask about one or the other")
+  model = unimm_jax.load_pipeline(FLAGS.ckpt)
+  if not hasattr(model, "answer_video"):
+    raise ValueError(f"{FLAGS.ckpt}: this checkpoint's pipeline does not answer questions about videos")
+  clip = model.read_video(FLAGS.video, FLAGS.video_frames)
+  answers = model.answer_video([clip] * len(FLAGS.prompt), FLAGS.prompt, max_new_tokens=FLAGS.max_new_tokens,
+                               sampler=SamplerConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p), seed=FLAGS.seed)
+  for prompt, answer in zip(FLAGS.prompt, answers):
+    print(f"> {prompt}\n{answer}\n")
+
+
 def main(argv):
   del argv
   try:
+    if FLAGS.video:
+      return ask_video()
     if FLAGS.image or FLAGS.route == "auto" or unimm_jax.family_of(FLAGS.ckpt).pipeline is not None:
       return ask_pipeline()
   except (ValueError, OSError, unimm_jax.ConversionError) as e:

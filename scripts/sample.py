@@ -3,7 +3,8 @@ PNG per prompt (and a grid).
 
   python scripts/sample.py --ckpt DIR --prompt "a red circle on the left" [--prompt ...]
       [--size 512x512] [--steps 50] [--guidance 7.5] [--shift 3] [--negative ""] [--seed 0] [--out samples/]
-      [--init-image in.png --strength 0.6] [--chat-template]
+      [--init-image in.png --strength 0.6] [--chat-template] [--frames 5]
+With --frames N > 1 (TUNA) each prompt becomes a clip of N generated (latent) frames: NNN.gif and NNN_frames.png.
 Sampling flags left out take the family's defaults (TUNA: 50 steps, guidance 7.5, shift 3).
 """
 
@@ -33,6 +34,7 @@ flags.DEFINE_alias("all-scales", "all_scales")
 flags.DEFINE_bool("chat_template", False, "TUNA: prompts in the reference pipeline's chat template (its system "
                   "prompt; without --negative the null branch is its fixed negative prompt)")
 flags.DEFINE_alias("chat-template", "chat_template")
+flags.DEFINE_integer("frames", 1, "> 1: text-to-video with this many generated (latent) frames (TUNA)")
 
 
 def main(argv):
@@ -67,6 +69,20 @@ def main(argv):
         path = os.path.join(FLAGS.out, f"{i:03d}_{scale}.png")
         Image.fromarray(img).save(path)
         print(f"{path}\t{prompt}")
+    return
+  if FLAGS.frames > 1:
+    if not hasattr(model, "generate_video") or kw or chat:
+      raise app.UsageError(f"--frames: {FLAGS.ckpt} has no text-to-video sampler, or --init-image / --chat-template "
+                           "was given too")
+    from unimm_jax.data import video
+    os.makedirs(FLAGS.out, exist_ok=True)
+    clips = model.generate_video(FLAGS.prompt, size, FLAGS.frames, cfg, negative=FLAGS.negative, seed=FLAGS.seed,
+                                 progress=True)
+    for i, (prompt, clip) in enumerate(zip(FLAGS.prompt, clips)):
+      path = os.path.join(FLAGS.out, f"{i:03d}.gif")
+      video.write_gif(path, clip)
+      Image.fromarray(np.concatenate(list(clip), axis=1)).save(os.path.join(FLAGS.out, f"{i:03d}_frames.png"))
+      print(f"{path}\t{prompt}")
     return
   images = model.generate(FLAGS.prompt, size, cfg, **{"negative": FLAGS.negative, **chat}, seed=FLAGS.seed,
                           progress=True, **kw)

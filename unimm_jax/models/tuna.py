@@ -5,15 +5,17 @@ tuna_2_pixel.py (TUNA-2), tuna_2r_pixel.py (TUNA-R), backbones/modules_new_mm.py
 Shapes: b batch, t tokens of a packed row, n image spans per row, d LLM embed, v vocab,
 o = p * p * channels values per image token (a p x p patch of the generated space).
 
-One packed row holds text and images of several samples. Every image is a span
-  [time slot] [image token] * (h * w)            (row-major y, x over its token grid)
+One packed row holds text, images and video clips of several samples. Every image is a span
+  [time slot] [image token] * (T * h * w)        (row-major frame, y, x over its token grid; T = 1 for an image)
 whose tokens attend to each other bidirectionally inside an otherwise causal mask. The image tokens
 carry the noisy patches x_t of the generated space (Wan 2.2 latents for TUNA, pixels for TUNA-2 and
 TUNA-R); a representation encoder turns them into LLM embeddings: SigLIP over x_t + `siglip_proj`
 (TUNA: 1x1 conv over 48 latent channels; TUNA-R: patch-16 conv over pixels) or a plain patch
-embedding + RMSNorm (TUNA-2). The time slot holds the image's timestep embedding. The Qwen2.5
-decoder runs over the row; the flow head reads its last hidden state and predicts, per image token,
-the velocity x1 - x0 (or x1 for x0-prediction), with t = 1 meaning clean.
+embedding + RMSNorm (TUNA-2); SigLIP sees each frame of a clip as its own image, the patch stem works
+per token. The time slot holds the image's timestep embedding. The Qwen2.5 decoder runs over the row
+(LLM positions count every token, frames included, as the reference's arange); the flow head reads its
+last hidden state and predicts, per image token, the velocity x1 - x0 (or x1 for x0-prediction), with
+t = 1 meaning clean; its 3D RoPE advances the time axis per frame (thw).
 
 The packed batch is the schema of unimm_jax/batch.py (`batch.KEYS`; the model reads `schema.MODEL_INPUTS`).
 """
@@ -176,6 +178,19 @@ class TunaOutput:
   hidden_states: tuple | None   # LLM hidden states when requested (depth + 1 entries)
 
 
+def frame_segments(span_ids: jax.Array, time_slot: jax.Array, thw: jax.Array) -> jax.Array:
+  """int32 [b t]: the representation encoder's image of each image token, one per (span, frame) -- a video
+  span's frames are separate images, as the reference's reshape_frame_to_batch_dim -- numbered 1 + the row
+  index of the frame's first token (unique in the row); 0 outside image tokens."""
+  image = schema.image_tokens(span_ids, time_slot)
+  frame = thw[..., 0]
+  shift = lambda a, fill: jnp.concatenate([jnp.full_like(a[:, :1], fill), a[:, :-1]], axis=1)
+  same = shift(image, False) & (shift(span_ids, 0) == span_ids) & (shift(frame, 0) == frame)
+  idx = jnp.broadcast_to(jnp.arange(span_ids.shape[1], dtype=jnp.int32), span_ids.shape)
+  first = jax.lax.cummax(jnp.where(image & ~same, idx, 0), axis=1)
+  return jnp.where(image, first + 1, 0)
+
+
 class PatchEncoder(nn.Module):
   """TUNA-2 stem: a stride-p patch embedding (a dense [p p c d] kernel, the conv's HWIO) + RMSNorm, plus
   learned row and column embeddings when `positions` > 0 (TunaConfig.patch_positions)."""
@@ -272,14 +287,16 @@ class Tuna(nn.Module):
   def encode_images(self, batch: Mapping[str, jax.Array]) -> jax.Array:
     """x_t at image tokens -> LLM embeddings [b t d] (garbage outside image tokens; masked by the caller)."""
     cfg = self.cfg
-    image = schema.image_tokens(batch["span_ids"], batch["time_slot"])
     x_t = batch["x_t"]
     if cfg.encoder == "patch":
       return self.vision_encoder(x_t, batch["thw"])
-    seg = jnp.where(image, batch["span_ids"], 0)
-    width = jnp.maximum(schema.gather_spans(batch["spatial_shapes"], batch["span_ids"], 0)[..., 1], 1)
-    pos = batch["thw"][..., 1] * width + batch["thw"][..., 2]
-    feats = self.vision_model(patches=x_t, spatial_shapes=batch["spatial_shapes"], segment_ids=seg, positions=pos)
+    # One SigLIP image per (span, frame): the reference folds a clip's frames into SigLIP's batch
+    # (reshape_frame_to_batch_dim), so a frame attends only to itself and keeps SigLIP's sequences short.
+    seg = frame_segments(batch["span_ids"], batch["time_slot"], batch["thw"])
+    shapes = schema.gather_spans(batch["spatial_shapes"], batch["span_ids"], 0)   # [b t 2] each token's grid
+    pos = batch["thw"][..., 1] * jnp.maximum(shapes[..., 1], 1) + batch["thw"][..., 2]
+    # segment s is the frame whose first token sits at s - 1, so the token table is SigLIP's per-image table
+    feats = self.vision_model(patches=x_t, spatial_shapes=shapes, segment_ids=seg, positions=pos)
     return self.siglip_proj(feats.last_hidden_state)
 
   def embed_inputs(self, batch: Mapping[str, jax.Array], t_embed: jax.Array | None = None) -> jax.Array:

@@ -1,4 +1,5 @@
-"""TUNA sampling: text-to-image and editing (Euler ODE + classifier-free guidance), understanding.
+"""TUNA sampling: text-to-image, text-to-video and editing (Euler ODE + classifier-free guidance), understanding
+of images and clips.
 
 Reference: tuna-2 tuna/pipelines/generation.py, editing.py, understanding.py, transport/.
 TUNA's time runs from 0 (noise) to 1 (clean), t = 1 - sigma of sampling/flow.py (this is the edge where the
@@ -180,24 +181,47 @@ class TunaSampler:
     """Token-id prompts (or ChatPrompts: the reference's chat layout) -> clean image tokens [n h w o] of a
     `grid` = (h, w) token grid (_start: seed, noise, init)."""
     h, w = grid
-    o, m = self.module.cfg.token_features, self.module.cfg.meta_slots
-    blank = np.zeros((h, w, o), np.float32)
+    m = self.module.cfg.meta_slots
+    blank = np.zeros((h, w, self.module.cfg.token_features), np.float32)
 
-    def layout(p):
+    def make(p):
       if isinstance(p, ts.ChatPrompt):
         return ts.t2i_chat_sample(p, blank, self.tokens, meta_slots=m)
       return ts.t2i_sample(p, blank, self.tokens, meta_slots=m)
 
-    cond = [layout(p) for p in prompts]
-    null = [layout(negative) for _ in prompts]
+    return self._from_text(make, prompts, negative, blank.shape, cfg, seed, noise, init, progress, "text_to_image")
+
+  def text_to_video(self, prompts: Sequence[Sequence[int]], grid: tuple[int, int, int], cfg: FlowSamplerConfig,
+                    *, negative: Sequence[int] = (), seed: int | Sequence[int] = 0, noise: np.ndarray | None = None,
+                    init: np.ndarray | None = None, video_markers: bool = False, progress: bool = False) -> np.ndarray:
+    """Token-id prompts -> clean clip tokens [n T h w o] of a `grid` = (T, h, w) (frames, rows, columns): the
+    t2i sampler over one span of T*h*w tokens, as the reference's TunaPipeline.t2i with latent_frames = T
+    (noise and init [n T h w o]; _start)."""
+    _check_video_slots(self.module.cfg.meta_slots, "text_to_video")
+    blank = np.zeros((*grid, self.module.cfg.token_features), np.float32)
+    make = lambda p: ts.t2v_sample(p, blank, self.tokens, video_markers)  # noqa: E731
+    return self._from_text(make, prompts, negative, blank.shape, cfg, seed, noise, init, progress, "text_to_video")
+
+  def _from_text(self, make: Callable[[Any], dict], prompts: Sequence[Any], negative: Any, shape: tuple[int, ...],
+                 cfg: FlowSamplerConfig, seed: int | Sequence[int], noise: np.ndarray | None, init: np.ndarray | None,
+                 progress: bool, where: str) -> np.ndarray:
+    """Generates span 1 of `make(prompt)` (conditional) against `make(negative)` (null): tokens [n *shape]."""
+    n = len(prompts)
+    for name, a in (("noise", noise), ("init", init)):
+      if a is not None and np.shape(a) != (n, *shape):
+        raise ValueError(f"{where}: {name} of shape {np.shape(a)}, expected {(n, *shape)}")
     weights = flow.text_guidance(cfg.guidance)
-    samples = cond if len(weights) == 1 else cond + null
+    cond = [make(p) for p in prompts]
+    samples = cond if len(weights) == 1 else cond + [make(negative) for _ in prompts]
     batch = self._batch(samples)
     slots = np.stack([_image_slots(s, 1) for s in samples])
     velocity = self._velocity_fn(batch, slots, np.zeros(len(samples), np.int32), weights)
-    x, t_grid = self._start(len(prompts), (h, w, o), cfg, seed, noise, init, "text_to_image")
+    # _start sees a clip's T*h*w tokens as T*h rows of w
+    flat = (int(np.prod(shape[:-2])), shape[-2], shape[-1])
+    x, t_grid = self._start(n, flat, cfg, seed, None if noise is None else np.reshape(noise, (n, *flat)),
+                            None if init is None else np.reshape(init, (n, *flat)), where)
     x1 = flow.euler(velocity, x, t_grid, progress)
-    return np.asarray(x1).reshape(len(prompts), h, w, o)
+    return np.asarray(x1).reshape(n, *shape)
 
   def edit(self, sources: Sequence[np.ndarray], instructions: Sequence[Sequence[int]], cfg: FlowSamplerConfig,
            *, negative: Sequence[int] = (), seed: int | Sequence[int] = 0, noise: np.ndarray | None = None,
@@ -232,10 +256,14 @@ class TunaSampler:
 
   def understand(self, images: Sequence[np.ndarray], prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampler: SamplerConfig = SamplerConfig(), stop_tokens: Sequence[int] = (), seed: int = 0,
-                 on_step: Callable[[Any], None] | None = None) -> Generation:
-    """Clean image tokens [h w o] + prompt ids -> answers, decoded with the LLM's KV cache."""
+                 on_step: Callable[[Any], None] | None = None, video_markers: bool = False) -> Generation:
+    """Clean image tokens [h w o] (or clips [T h w o], between the video tokens with `video_markers`) + prompt
+    ids -> answers, decoded with the LLM's KV cache."""
     m = self.module.cfg.meta_slots
-    samples = [ts.understanding_prompt(img, p, self.tokens, meta_slots=m) for img, p in zip(images, prompts)]
+    if any(np.ndim(img) == 4 for img in images):
+      _check_video_slots(m, "understand")
+    samples = [ts.understanding_prompt(img, p, self.tokens, meta_slots=m) if np.ndim(img) == 3 else
+               ts.video_understanding_prompt(img, p, self.tokens, video_markers) for img, p in zip(images, prompts)]
     rows, length = _rows(samples, multiple=8)
     for r, s in zip(rows, samples):  # left-pad: move each prompt to the end of its row
       shift = length - len(s["input_ids"])
@@ -256,29 +284,35 @@ class TunaSampler:
 
 
 def image_to_tokens(image: np.ndarray, cfg, vae=None) -> np.ndarray:
-  """[H W 3] in [-1, 1] -> image tokens [h w o] of the generated space (VAE latents or pixels)."""
-  p = cfg.patch
+  """[H W 3] in [-1, 1] -> image tokens [h w o] of the generated space (VAE latents or pixels); frames [F H W 3] ->
+  clip tokens [T h w o] (the Wan 2.2 VAE turns F = 1 + 4k frames into T = 1 + k; pixel space T = F)."""
+  p, clip = cfg.patch, np.ndim(image) == 4
   if cfg.space == "latent":
     if vae is None:
       raise ValueError("image_to_tokens: a latent-space TUNA needs its VAE (vae/ beside the checkpoint)")
-    z = vae.module.apply({"params": vae.params}, jnp.asarray(image)[None, None], method=type(vae.module).encode).mode()
-    z = np.asarray(cfg.latent_norm(vae.config).apply(z))[0, 0]
+    x = jnp.asarray(image)[None] if clip else jnp.asarray(image)[None, None]
+    z = vae.module.apply({"params": vae.params}, x, method=type(vae.module).encode).mode()
+    z = np.asarray(cfg.latent_norm(vae.config).apply(z))[0]
+    z = z if clip else z[0]
   else:
     z = np.asarray(image, np.float32)
-  h, w = z.shape[0] // p, z.shape[1] // p
-  if (h * p, w * p) != z.shape[:2]:
-    raise ValueError(f"image_to_tokens: {z.shape[:2]} is not a multiple of the patch {p}")
-  return rearrange(z, "(h p) (w q) c -> h w (p q c)", p=p, q=p)
+  h, w = z.shape[-3] // p, z.shape[-2] // p
+  if (h * p, w * p) != z.shape[-3:-1]:
+    raise ValueError(f"image_to_tokens: {z.shape[-3:-1]} is not a multiple of the patch {p}")
+  return rearrange(z, "... (h p) (w q) c -> ... h w (p q c)", p=p, q=p)
 
 
 def tokens_to_image(tokens: np.ndarray, cfg, vae=None) -> np.ndarray:
-  """Image tokens [h w o] -> [H W 3] in [-1, 1] (decoded by the VAE for a latent-space TUNA)."""
-  z = rearrange(np.asarray(tokens), "h w (p q c) -> (h p) (w q) c", p=cfg.patch, q=cfg.patch)
+  """Image tokens [h w o] -> [H W 3] in [-1, 1], clip tokens [T h w o] -> frames [F H W 3] (decoded by the VAE for
+  a latent-space TUNA: T latent frames are F = 1 + 4 (T - 1) frames of the Wan 2.2 VAE; pixel space F = T)."""
+  clip = np.ndim(tokens) == 4
+  z = rearrange(np.asarray(tokens), "... h w (p q c) -> ... (h p) (w q) c", p=cfg.patch, q=cfg.patch)
   if cfg.space == "latent":
     if vae is None:
       raise ValueError("tokens_to_image: a latent-space TUNA needs its VAE (vae/ beside the checkpoint)")
-    z = cfg.latent_norm(vae.config).invert(jnp.asarray(z)[None, None])
-    z = np.asarray(vae.module.apply({"params": vae.params}, z, method=type(vae.module).decode))[0, 0]
+    z = cfg.latent_norm(vae.config).invert(jnp.asarray(z)[None] if clip else jnp.asarray(z)[None, None])
+    z = np.asarray(vae.module.apply({"params": vae.params}, z, method=type(vae.module).decode))[0]
+    z = z if clip else z[0]
   return np.clip(z, -1.0, 1.0)
 
 
@@ -316,6 +350,23 @@ class LoadedTuna:
     except OSError as e:
       raise ValueError(f"{path}: cannot read the image: {e}") from None
     return np.asarray(img.resize(tuple(max(d, round(s / d) * d) for s in img.size), Image.BICUBIC))
+
+  def read_video(self, path: str, frames: int) -> np.ndarray:
+    """A video file (data/video.py: GIF, MP4, ...) -> `frames` frames spread over it, uint8 [F H W 3], each resized
+    as read_image."""
+    from PIL import Image
+
+    from unimm_jax.data import transforms, video
+    spec = video.VideoSpec(frames)
+    if self.cfg.space == "latent":
+      spec.check_vae(self.vae.config.temporal_downscale, "read_video")
+    try:
+      clip = video.sample_frames(*video.load_video(path), spec)
+    except transforms.BadImage as e:
+      raise ValueError(f"cannot read the video: {e}") from None
+    d = self.downsample
+    size = tuple(max(d, round(s / d) * d) for s in clip.shape[2:0:-1])
+    return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC)) for f in clip])
 
   def to_tokens(self, image: np.ndarray) -> np.ndarray:
     return image_to_tokens(np.asarray(image, np.float32) / 127.5 - 1.0, self.cfg, self.vae)
@@ -355,6 +406,20 @@ class LoadedTuna:
                                       progress=progress)
     return [self.to_image(t) for t in toks]
 
+  def generate_video(self, prompts: Sequence[str], size: tuple[int, int], frames: int, cfg: FlowSamplerConfig, *,
+                     negative: str = "", seed: int | Sequence[int] = 0, video_markers: bool = False,
+                     progress: bool = False) -> list[np.ndarray]:
+    """Prompts -> uint8 clips [F H W 3] of `size` = (H, W) pixels from `frames` generated (latent) frames
+    (tokens_to_image: F frames once decoded)."""
+    d = self.downsample
+    if size[0] % d or size[1] % d or frames < 1:
+      raise ValueError(f"generate_video: size {size} is not a multiple of {d} pixels (one image token) or "
+                       f"frames {frames} < 1")
+    toks = self.sampler.text_to_video([self.encode_text(p) for p in prompts], (frames, size[0] // d, size[1] // d),
+                                      cfg, negative=self.encode_text(negative), seed=seed,
+                                      video_markers=video_markers, progress=progress)
+    return [self.to_image(t) for t in toks]
+
   def edit(self, images: Sequence[np.ndarray], instructions: Sequence[str], cfg: FlowSamplerConfig, *,
            negative: str = "", seed: int | Sequence[int] = 0, init_images: Sequence[np.ndarray] | None = None,
            progress: bool = False) -> list[np.ndarray]:
@@ -375,6 +440,17 @@ class LoadedTuna:
     return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.as_lists()]
 
 
+  def answer_video(self, clips: Sequence[np.ndarray], questions: Sequence[str], *, max_new_tokens: int = 32,
+                   sampler: SamplerConfig = SamplerConfig(), seed: int = 0,
+                   on_step: Callable[[Any], None] | None = None, video_markers: bool = False) -> list[str]:
+    """uint8 clips [F H W 3] + questions (raw text) -> decoded answers (the vmmu layout)."""
+    out = self.sampler.understand([self.to_tokens(c) for c in clips], [self.encode_text(q) for q in questions],
+                                  max_new_tokens=max_new_tokens, sampler=sampler,
+                                  stop_tokens=[self.sampler.tokens.eos], seed=seed, on_step=on_step,
+                                  video_markers=video_markers)
+    return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in out.as_lists()]
+
+
 def load(path: str) -> LoadedTuna:
   """A converted TUNA directory (unimm_jax.load) with its tokenizer and, for latent TUNA, its vae/."""
   from unimm_jax import api
@@ -389,3 +465,11 @@ def load(path: str) -> LoadedTuna:
     raise ValueError(f"{path}: latent-space TUNA without its VAE directory {path}/vae")
   sampler = TunaSampler(loaded.module, loaded.params, ts.TunaTokens.from_tokenizer(loaded.tokenizer))
   return LoadedTuna(sampler, loaded.config, loaded.tokenizer, vae)
+
+
+def _check_video_slots(meta_slots: int, where: str) -> None:
+  """Clips open with the time slot alone: the reference has no aspect-ratio slots for video (its t2v configs
+  leave add_aspect_ratio_embeds off), so a model with them has no defined clip layout."""
+  if meta_slots != 1:
+    raise NotImplementedError(f"TunaSampler.{where}: clips with TunaConfig.aspect_ratio_embeds (height and width "
+                              "slots) are not supported")
