@@ -22,6 +22,7 @@ def dc():
   del sys.modules["device_check"]
 
 
+@pytest.mark.slow   # ~55 s on 2 cores: every section of the GPU check, dry
 def test_dry_run_writes_every_section_into_the_json_and_markdown_reports(dc, tmp_path):
   report = dc.main(["--dry-run", "--out", str(tmp_path)])
   with open(tmp_path / "device_check.json") as f:

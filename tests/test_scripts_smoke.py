@@ -6,17 +6,21 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from unimm_jax.training import metrics
 
 from scripts_run import ROOT, run
 
 
+@pytest.mark.slow   # ~20 s: a benchmark's smoke run
 def test_bench_llm_prints_the_table_with_ratios():
   out = run("scripts/bench_llm.py", "--tiny")
   rows = [line for line in out.splitlines() if re.search(r"\| +[0-9.]+x \|$", line)]
   assert [r.split("|")[1].strip() for r in rows] == ["prefill ms", "generate ms (total)", "decode tokens/s"]
 
 
+@pytest.mark.slow   # ~20 s: a benchmark's smoke run
 def test_bench_convert_reports_peak_rss_against_checkpoint_size():
   out = run("scripts/bench_convert.py", "--gb", "0.05")
   row = out.strip().splitlines()[-1]

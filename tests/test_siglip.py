@@ -306,6 +306,7 @@ def test_config_from_hf_reads_every_layout_and_rejects_bad_ones():
     siglip.VisionTransformer(siglip.SiglipVisionConfig.tiny()).init(jax.random.key(0))
 
 
+@pytest.mark.slow   # ~25 s: a benchmark's smoke run
 def test_bench_vision_script_runs_on_tiny_settings():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   r = subprocess.run([sys.executable, "scripts/bench_vision.py", "--tiny", "--models", "siglip,internvl"], cwd=root,

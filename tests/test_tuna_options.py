@@ -259,6 +259,7 @@ def test_sampler_with_aspect_ratio_slots_equals_the_hand_built_euler(model_and_b
   np.testing.assert_allclose(got, np.asarray(want).reshape(got.shape), atol=1e-5)
 
 
+@pytest.mark.slow   # ~35 s; tests/test_tuna_scripts.py runs sample.py --chat-template by default
 def test_chat_template_prompt_path_is_the_references_layout(model_and_batch):
   """pipelines/_common.prepare_gen_input_chat: system / user / assistant turns with the image in the assistant's,
   no bos; the null branch wraps the fixed negative prompt the same way."""

@@ -26,6 +26,7 @@ def latent():
   return ref, cfg, types.SimpleNamespace(module=vae_wan.WanVAE(vcfg), params=vparams, config=vcfg)
 
 
+@pytest.mark.slow   # ~35 s: compiles the Wan encoder and decoder over a clip
 def test_clip_tokens_round_trip_through_the_wan_vae_as_diffusers(latent):
   ref, cfg, vae = latent
   rng = np.random.default_rng(0)
