@@ -42,7 +42,6 @@ import numpy as np
 from unimm_jax.schema import IGNORE
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TunaTokens:
   bos: int

@@ -159,8 +159,6 @@ CASES = (
 )
 
 
-
-
 def run_case(case: Case, args: argparse.Namespace) -> dict:
   pair = case.build(args)
   t0 = time.perf_counter()

@@ -47,8 +47,6 @@ def yak_config(args: argparse.Namespace) -> yak.YakConfig:
   return yak.YakConfig(**{**kw, "depth": args.double, "single_depth": args.single})
 
 
-
-
 def _random_params(boxed, seed: int = 0):
   """Host-drawn values for every leaf (jitted init of a 1536-wide model compiles longer than it runs; the
   released zero-init modulations would make the blocks trivial)."""

@@ -51,8 +51,6 @@ def _convert(ref: torch.nn.Module, family: str):
   return fam.module(cfg), params
 
 
-
-
 def bench_pair(name: str, ref, module, params, x: np.ndarray, iters: int) -> list[dict]:
   """Encode x and decode its posterior mean on both sides; x is channels-last."""
   xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
